@@ -1,0 +1,1 @@
+"""The HTTP API: accepts jobs, answers at once, shows every job to the end."""

@@ -1,0 +1,133 @@
+"""The jobs resource: submit, read and list jobs."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Response, request, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from api_service.context import services
+from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
+from api_service.idempotency import REPLAYED_HEADER, fingerprint, parse_key
+from api_service.openapi_docs import documents_problems
+from api_service.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema, encode_cursor
+from api_service.submission import submit_job
+from shared.errors import JobNotFound
+from shared.jobs import Job, JobStatus, NewJob
+from shared.store import jobs as job_store
+
+blp = Blueprint(
+    "jobs", __name__, url_prefix="/v1/jobs", description="Submit jobs and follow them to the end."
+)
+
+#: Poll hint for unfinished jobs; capped so a far-future job is still re-checked now and then.
+MAX_POLL_HINT_SECONDS = 60
+
+IDEMPOTENCY_KEY_PARAMETER = {
+    "in": "header",
+    "name": IDEMPOTENCY_HEADER,
+    "required": False,
+    "schema": {"type": "string", "maxLength": 255},
+    "description": "Makes the submission safe to retry: the same key and body return the original "
+    "job instead of creating another. Keys are remembered for 24 hours by default.",
+}
+
+
+@blp.route("")
+class Jobs(MethodView):
+    @blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
+    @blp.arguments(JobCreateSchema)
+    @blp.response(
+        202,
+        JobSchema,
+        description="Accepted: the job is stored durably and will run.",
+        headers={
+            "Location": {"description": "URL of the job.", "schema": {"type": "string"}},
+            REPLAYED_HEADER: {
+                "description": "`true` when this is the stored response to an earlier request with "
+                "the same Idempotency-Key.",
+                "schema": {"type": "string", "enum": ["true"]},
+            },
+        },
+    )
+    @documents_problems(400, 409, 413, 415, 422, 503)
+    def post(self, new_job: NewJob) -> tuple[Job, int, dict[str, str]]:
+        """Submit a job
+
+        Stores the job and answers at once; the job runs in the background. With an
+        `Idempotency-Key`, retries of the same request return the original job.
+        """
+        key = parse_key(request.headers.getlist(IDEMPOTENCY_HEADER))
+        body_fingerprint = fingerprint(request.method, request.path, request.get_json()) if key else None
+        svc = services()
+        submission = submit_job(
+            svc.db, svc.publisher, svc.settings, new_job, key=key, fingerprint=body_fingerprint
+        )
+        headers = {"Location": url_for("jobs.get_job", job_id=submission.job.id)}
+        if submission.replayed:
+            headers[REPLAYED_HEADER] = "true"
+        return submission.job, submission.status_code, headers
+
+    @blp.arguments(JobListQuerySchema, location="query", unknown="raise")
+    @blp.response(200, JobPageSchema)
+    @documents_problems(422, 503)
+    def get(self, query: dict[str, Any]) -> Response | dict[str, Any]:
+        """List jobs
+
+        Newest first, filtered by status, type, labels and creation time. Pages are stable while new
+        jobs arrive: follow `next_cursor` (also in the `Link` header) until it is null.
+        """
+        limit = query["limit"]
+        labels = dict(item.split(":", 1) for item in query.get("label", []))
+        filters = job_store.JobFilter(
+            statuses=query.get("status", []),
+            types=query.get("type", []),
+            labels=labels or None,
+            created_after=query.get("created_after"),
+            created_before=query.get("created_before"),
+            after=query.get("cursor"),
+        )
+        jobs = services().db.run(lambda cur: job_store.list_jobs(cur, filters, limit + 1), transaction=False)
+        next_cursor = (
+            encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id) if len(jobs) > limit else None
+        )
+        return {"items": jobs[:limit], "next_cursor": next_cursor}
+
+
+@blp.route("/<uuid:job_id>", endpoint="get_job")
+class JobById(MethodView):
+    @blp.response(
+        200,
+        JobSchema,
+        headers={
+            "Retry-After": {
+                "description": "Seconds until polling again is useful; only while the job is unfinished.",
+                "schema": {"type": "integer"},
+            }
+        },
+    )
+    @documents_problems(404, 503)
+    def get(self, job_id: uuid.UUID) -> Job | tuple[Job, int, dict[str, str]]:
+        """Get a job
+
+        The job's status, attempts, progress, and once finished its result or error.
+        """
+        job = services().db.run(lambda cur: job_store.get_job(cur, job_id), transaction=False)
+        if job is None:
+            raise JobNotFound(f"No job has the id {job_id}.")
+        if job.is_finished:
+            return job
+        return job, 200, {"Retry-After": str(poll_hint_seconds(job))}
+
+
+def poll_hint_seconds(job: Job, now: datetime | None = None) -> int:
+    """1 s for queued or running jobs; the wait until ``run_at`` for scheduled or retrying ones."""
+    now = now or datetime.now(UTC)
+    if job.status in (JobStatus.QUEUED, JobStatus.RETRYING) and job.run_at > now:
+        return max(1, min(MAX_POLL_HINT_SECONDS, math.ceil((job.run_at - now).total_seconds())))
+    return 1

@@ -1,0 +1,193 @@
+"""HTTP schemas: what the API accepts and returns. Strict: unknown fields are rejected everywhere."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+import marshmallow as ma
+from marshmallow import fields, validate
+
+from shared.job_types import MAX_ATTEMPTS_RANGE, PRIORITY_RANGE, REGISTRY, TIMEOUT_SECONDS_RANGE
+from shared.jobs import JobStatus, NewJob
+
+#: One year: further ahead is almost certainly a unit mistake (ms for s).
+MAX_DELAY_SECONDS = 365 * 86_400
+MAX_LABELS = 32
+LABEL_KEY = validate.Regexp(
+    r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$",
+    error="Label keys are 1-63 characters: letters, digits, '.', '_', '/', '-', starting alphanumeric.",
+)
+LABEL_VALUE = validate.Length(max=256)
+
+
+class StrictSchema(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE
+
+
+class JobCreateSchema(StrictSchema):
+    type = fields.String(
+        required=True,
+        validate=validate.Length(1, 100),
+        metadata={"description": "Registered job type.", "example": "demo.sleep"},
+    )
+    payload = fields.Dict(
+        keys=fields.String(),
+        load_default=dict,
+        metadata={"description": "Input of the job, validated by its type's schema.",
+                  "example": {"seconds": 2}},
+    )  # fmt: skip
+    priority = fields.Integer(
+        validate=validate.Range(*PRIORITY_RANGE),
+        metadata={"description": "0-9, higher runs first. Defaults to the type's priority."},
+    )
+    delay_seconds = fields.Float(
+        validate=validate.Range(0, MAX_DELAY_SECONDS),
+        metadata={"description": "Run no earlier than this many seconds from now. Excludes `run_at`."},
+    )
+    run_at = fields.AwareDateTime(
+        metadata={"description": "Run no earlier than this time (with a timezone). Excludes `delay_seconds`."}
+    )
+    max_attempts = fields.Integer(
+        validate=validate.Range(*MAX_ATTEMPTS_RANGE),
+        metadata={"description": "Attempts in all, the first included. Defaults to the type's."},
+    )
+    timeout_seconds = fields.Integer(
+        validate=validate.Range(*TIMEOUT_SECONDS_RANGE),
+        metadata={"description": "Longest one attempt may run. Defaults to the type's."},
+    )
+    labels = fields.Dict(
+        keys=fields.String(validate=LABEL_KEY),
+        values=fields.String(validate=LABEL_VALUE),
+        load_default=dict,
+        validate=validate.Length(max=MAX_LABELS),
+        metadata={
+            "description": "Free-form string labels to filter jobs by.",
+            "example": {"team": "billing"},
+        },
+    )
+
+    @ma.validates_schema(skip_on_field_errors=False)
+    def _check_type_and_payload(self, data: dict[str, Any], **_: Any) -> None:
+        if "delay_seconds" in data and "run_at" in data:
+            raise ma.ValidationError("Give either delay_seconds or run_at, not both.", "delay_seconds")
+        name = data.get("type")
+        if name is None:
+            return
+        job_type = REGISTRY.get(name)
+        if job_type is None:
+            known = ", ".join(sorted(REGISTRY))
+            raise ma.ValidationError(f"Unknown job type {name!r}. Known types: {known}.", "type")
+        if "payload" in data:
+            try:
+                data["payload"] = job_type.load_payload(data["payload"])
+            except ma.ValidationError as exc:
+                raise ma.ValidationError({"payload": exc.messages}) from exc
+
+    @ma.post_load
+    def _to_new_job(self, data: dict[str, Any], **_: Any) -> NewJob:
+        job_type = REGISTRY[data["type"]]
+        return NewJob(
+            type=job_type.name,
+            queue=job_type.queue,
+            payload=data["payload"],
+            priority=data.get("priority", job_type.priority),
+            max_attempts=data.get("max_attempts", job_type.max_attempts),
+            timeout_seconds=data.get("timeout_seconds", job_type.timeout_seconds),
+            run_at=data.get("run_at"),
+            delay_seconds=data.get("delay_seconds", 0.0),
+            labels=data["labels"],
+        )
+
+
+class JobErrorSchema(StrictSchema):
+    type = fields.String(required=True, metadata={"description": "Error class, e.g. `WorkerLost`."})
+    title = fields.String(required=True)
+    detail = fields.String(required=True)
+    attempt = fields.Integer(required=True, metadata={"description": "The attempt that failed."})
+
+
+class JobProgressSchema(StrictSchema):
+    percent = fields.Float(allow_none=True, validate=validate.Range(0, 100))
+    message = fields.String(allow_none=True)
+
+
+class JobSchema(StrictSchema):
+    id = fields.UUID(required=True)
+    type = fields.String(required=True)
+    queue = fields.String(required=True)
+    status = fields.Enum(JobStatus, by_value=True, required=True)
+    payload = fields.Dict(required=True)
+    priority = fields.Integer(required=True)
+    attempts = fields.Integer(required=True, metadata={"description": "Attempts started so far."})
+    max_attempts = fields.Integer(required=True)
+    timeout_seconds = fields.Integer(required=True)
+    run_at = fields.AwareDateTime(
+        required=True, metadata={"description": "When the next (or current) attempt may start."}
+    )
+    labels = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
+    created_at = fields.AwareDateTime(required=True)
+    started_at = fields.AwareDateTime(allow_none=True, required=True)
+    finished_at = fields.AwareDateTime(allow_none=True, required=True)
+    updated_at = fields.AwareDateTime(required=True)
+    result = fields.Raw(
+        allow_none=True, required=True, metadata={"description": "The handler's JSON result."}
+    )
+    error = fields.Nested(JobErrorSchema, allow_none=True, required=True)
+    progress = fields.Nested(JobProgressSchema, allow_none=True, required=True)
+
+
+class JobPageSchema(StrictSchema):
+    items = fields.List(fields.Nested(JobSchema), required=True)
+    next_cursor = fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Pass as `cursor` to get the next page; null on the last page."},
+    )
+
+
+class Cursor(fields.Field[tuple[datetime, uuid.UUID]]):
+    """An opaque keyset position: base64url of ``[created_at, id]`` of the last job of a page."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else encode_cursor(*value)
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> tuple[datetime, uuid.UUID]:
+        try:
+            padded = str(value) + "=" * (-len(str(value)) % 4)
+            created_at, job_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
+            return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+            raise ma.ValidationError("Not a cursor returned by this API.") from None
+
+
+def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(job_id)], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+class JobListQuerySchema(StrictSchema):
+    status = fields.List(
+        fields.Enum(JobStatus, by_value=True), metadata={"description": "Repeat to match any of several."}
+    )
+    type = fields.List(fields.String(validate=validate.Length(1, 100)))
+    label = fields.List(
+        fields.String(validate=validate.Regexp(r"^[^:]+:.*$", error="Use label=key:value.")),
+        metadata={"description": "`key:value`; repeat to require several labels."},
+    )
+    created_after = fields.AwareDateTime(metadata={"description": "Created at or after this time."})
+    created_before = fields.AwareDateTime(metadata={"description": "Created before this time."})
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 200))
+    cursor = Cursor(metadata={"description": "`next_cursor` of the previous page."})
+
+
+class HealthSchema(StrictSchema):
+    status = fields.String(required=True, metadata={"example": "ok"})
+    checks = fields.Dict(keys=fields.String(), values=fields.String())

@@ -1,0 +1,153 @@
+"""The ``conveyor`` command.
+
+    conveyor migrate          create the database if needed and apply pending migrations
+    conveyor api              run the HTTP API under gunicorn
+    conveyor worker [ARGS]    run the dramatiq worker (extra ARGS go to dramatiq, e.g. -Q conveyor.default)
+    conveyor relay            run the outbox relay
+    conveyor run              run api + worker + relay in the foreground; Ctrl-C stops all three
+    conveyor settings         print every setting, its environment variable and its current value
+
+``api``, ``worker`` and ``relay`` replace the ``conveyor`` process (exec), so the signals a container
+runtime sends reach gunicorn and dramatiq directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from shared.errors import StoreUnavailable
+from shared.logs import configure_logging
+from shared.settings import Settings, SettingsError, get_settings
+
+logger = logging.getLogger("conveyor")
+
+#: Extra seconds dramatiq's main process gets beyond the worker shutdown timeout in ``conveyor run``.
+RUN_STOP_MARGIN_SECONDS = 10
+
+
+def _exec(argv: list[str]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def cmd_migrate(settings: Settings, extra: list[str]) -> int:
+    from shared.store.migrate import migrate
+
+    try:
+        applied = migrate(settings)
+    except StoreUnavailable as exc:
+        print(f"conveyor migrate: cannot reach Postgres at {settings.redacted_database_url()}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"migrations applied: {', '.join(applied)}" if applied else "database schema is up to date")
+    return 0
+
+
+def cmd_api(settings: Settings, extra: list[str]) -> int:
+    _exec(["-m", "gunicorn", "--config", "python:api_service.gunicorn_conf", *extra, "api_service.wsgi:app"])
+    return 0  # pragma: no cover
+
+
+def worker_argv(settings: Settings) -> list[str]:
+    return [
+        "-m", "dramatiq", "worker_service.app",
+        "--processes", str(settings.worker_processes),
+        "--threads", str(settings.worker_threads),
+        "--worker-shutdown-timeout", str(settings.worker_shutdown_timeout_seconds * 1000),
+        "--skip-logging",
+    ]  # fmt: skip
+
+
+def cmd_worker(settings: Settings, extra: list[str]) -> int:
+    _exec([*worker_argv(settings), *extra])
+    return 0  # pragma: no cover
+
+
+def cmd_relay(settings: Settings, extra: list[str]) -> int:
+    _exec(["-m", "worker_service.relay", *extra])
+    return 0  # pragma: no cover
+
+
+def cmd_run(settings: Settings, extra: list[str]) -> int:
+    """Supervise api, worker and relay; stop all when one exits or on Ctrl-C/SIGTERM."""
+    children = {
+        name: subprocess.Popen([sys.executable, "-m", "shared.cli", name], start_new_session=True)
+        for name in ("api", "worker", "relay")
+    }
+    print(f"Conveyor API on http://{settings.api_bind} (docs at /docs); Ctrl-C stops everything.")
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    exit_code = 0
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(
+                    f"conveyor run: {name} exited with {child.returncode}; stopping the rest", file=sys.stderr
+                )
+                exit_code = child.returncode or 1
+                stopping = True
+        time.sleep(0.2)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + settings.worker_shutdown_timeout_seconds + RUN_STOP_MARGIN_SECONDS
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return exit_code
+
+
+def cmd_settings(settings: Settings, extra: list[str]) -> int:
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if f.name == "database_url":
+            value = settings.redacted_database_url()
+        elif f.name == "broker_url":
+            value = settings.redacted_broker_url()
+        print(f"{f.metadata['env']}={value}")
+    return 0
+
+
+COMMANDS = {
+    "migrate": cmd_migrate,
+    "api": cmd_api,
+    "worker": cmd_worker,
+    "relay": cmd_relay,
+    "run": cmd_run,
+    "settings": cmd_settings,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the underlying program")
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    return COMMANDS[args.command](settings, args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

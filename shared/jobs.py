@@ -1,0 +1,165 @@
+"""The job domain: statuses, the transitions between them, and retry timing. Pure: no I/O.
+
+Status model::
+
+    queued ──► running ──► succeeded
+                 │  ▲
+                 │  └──── retrying ◄──┐
+                 ├────────────────────┘   (a retryable error, or a lost worker, with attempts left)
+                 └──► failed              (fatal error, or attempts exhausted)
+
+``TRANSITIONS`` is the only definition of what may follow what. The store derives its SQL guards from
+it, and ``conveyor migrate`` copies it into the ``job_status_transitions`` table that a trigger checks
+on every write, so an illegal transition cannot be written by any code path.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from shared.errors import IllegalTransition
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+#: The status every new job starts in.
+INITIAL_STATUS = JobStatus.QUEUED
+
+#: (from, to) pairs that may be written. Anything else is rejected by the database trigger.
+TRANSITIONS: frozenset[tuple[JobStatus, JobStatus]] = frozenset(
+    {
+        (JobStatus.QUEUED, JobStatus.RUNNING),
+        (JobStatus.RUNNING, JobStatus.SUCCEEDED),
+        (JobStatus.RUNNING, JobStatus.RETRYING),
+        (JobStatus.RUNNING, JobStatus.FAILED),
+        (JobStatus.RETRYING, JobStatus.RUNNING),
+    }
+)
+
+TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED})
+
+
+def can_transition(current: JobStatus, new: JobStatus) -> bool:
+    return (current, new) in TRANSITIONS
+
+
+def check_transition(current: JobStatus, new: JobStatus) -> None:
+    if not can_transition(current, new):
+        raise IllegalTransition(f"a job cannot go from {current} to {new}")
+
+
+def sources_of(target: JobStatus) -> tuple[JobStatus, ...]:
+    """Statuses from which ``target`` may be reached, in a stable order (for SQL guards)."""
+    return tuple(sorted((src for src, dst in TRANSITIONS if dst is target), key=list(JobStatus).index))
+
+
+def is_terminal(status: JobStatus) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+def retry_delay_seconds(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Delay before the attempt after ``attempt`` (1-based): exponential, capped, with jitter.
+
+    ``base * 2**(attempt-1)`` capped at ``cap``, then scaled by a uniform factor in [0.5, 1.0]
+    ("equal jitter"), so retries of many jobs that failed together spread out but none waits longer
+    than the cap.
+    """
+    if attempt < 1:
+        raise ValueError("attempt is 1-based")
+    exponential = min(cap, base * 2.0 ** min(attempt - 1, 62))
+    jitter: float = (rng or random).uniform(0.5, 1.0)
+    return exponential * jitter
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why an attempt failed, as recorded on the job and shown by the API."""
+
+    type: str
+    title: str
+    detail: str
+    attempt: int
+
+    #: Longest detail kept; tracebacks and huge messages go to the logs, not into every job row.
+    MAX_DETAIL = 2000
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "title": self.title,
+            "detail": self.detail[: self.MAX_DETAIL],
+            "attempt": self.attempt,
+        }
+
+
+def transition_rows() -> Iterable[tuple[str, str]]:
+    """TRANSITIONS as plain strings, for the table the database trigger reads.
+
+    The empty ``from`` status stands for "no row yet": it names the status a new job may start in.
+    """
+    return sorted([("", INITIAL_STATUS.value), *((src.value, dst.value) for src, dst in TRANSITIONS)])
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as stored: what was asked for, and where it stands."""
+
+    id: uuid.UUID
+    type: str
+    queue: str
+    status: JobStatus
+    payload: dict[str, Any]
+    priority: int
+    attempts: int
+    max_attempts: int
+    timeout_seconds: int
+    run_at: datetime
+    labels: dict[str, str]
+    result: Any
+    error: dict[str, Any] | None
+    progress: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @property
+    def is_finished(self) -> bool:
+        return is_terminal(self.status)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated submission, with the job type's defaults applied."""
+
+    type: str
+    queue: str
+    payload: dict[str, Any]
+    priority: int
+    max_attempts: int
+    timeout_seconds: int
+    #: An absolute start, or None to start ``delay_seconds`` after the database's "now".
+    run_at: datetime | None
+    delay_seconds: float
+    labels: dict[str, str]
+
+
+#: Error recorded when a worker stopped renewing a running job's lease (killed, OOM, host lost).
+WORKER_LOST = JobError(
+    type="WorkerLost",
+    title="The worker running this attempt stopped responding",
+    detail="The job's lease expired before its worker reported an outcome.",
+    attempt=0,
+)

@@ -1,0 +1,206 @@
+"""Every setting of Conveyor, read from the environment in one place.
+
+Each field below names its environment variable, its default and why it has that value. The defaults
+work against the local services of a development machine (Postgres and RabbitMQ on 127.0.0.1).
+``python -m shared.settings`` prints the table that the README shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, cast
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value Conveyor cannot use."""
+
+
+def setting(env: str, default: Any, doc: str, *, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "doc": doc, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Postgres -------------------------------------------------------------------------------
+    database_url: str = setting(
+        "CONVEYOR_DATABASE_URL",
+        "postgresql://postgres@127.0.0.1:5432/conveyor",
+        "Postgres DSN. `conveyor migrate` creates the database if it is missing.",
+    )
+    db_pool_size: int = setting(
+        "CONVEYOR_DB_POOL_SIZE",
+        8,
+        "Connections per process. Size it to the threads that touch the database "
+        "(gunicorn threads, worker threads + 1 for the lease keeper).",
+        minimum=1,
+    )
+    db_connect_timeout_seconds: int = setting(
+        "CONVEYOR_DB_CONNECT_TIMEOUT_SECONDS",
+        3,
+        "How long a new connection may take. Short, so a dead Postgres turns into a quick 503.",
+        minimum=1,
+    )
+    db_statement_timeout_ms: int = setting(
+        "CONVEYOR_DB_STATEMENT_TIMEOUT_MS",
+        10_000,
+        "Upper bound on any one statement, so a stuck lock never hangs a request forever.",
+        minimum=100,
+    )
+    # --- RabbitMQ -------------------------------------------------------------------------------
+    broker_url: str = setting(
+        "CONVEYOR_BROKER_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
+        "AMQP URL of RabbitMQ. Query parameters are passed to pika; Conveyor adds heartbeat and "
+        "timeout defaults when they are absent.",
+    )
+    queue_prefix: str = setting(
+        "CONVEYOR_QUEUE_PREFIX",
+        "conveyor.",
+        "Prefix of every queue Conveyor declares, so it can share a vhost with other applications.",
+    )
+    publish_backoff_seconds: float = setting(
+        "CONVEYOR_PUBLISH_BACKOFF_SECONDS",
+        5.0,
+        "After a failed publish the API stops publishing inline for this long and leaves its "
+        "messages to the relay, so a dead broker never slows submissions down.",
+        minimum=0,
+    )
+    # --- HTTP API -------------------------------------------------------------------------------
+    api_bind: str = setting("CONVEYOR_API_BIND", "127.0.0.1:8000", "Address gunicorn listens on.")
+    api_workers: int = setting(
+        "CONVEYOR_API_WORKERS", 2, "gunicorn worker processes (one per core is a good start).", minimum=1
+    )
+    api_threads: int = setting(
+        "CONVEYOR_API_THREADS",
+        4,
+        "Threads per gunicorn worker; requests mostly wait on Postgres, so a few threads pay off.",
+        minimum=1,
+    )
+    max_body_bytes: int = setting(
+        "CONVEYOR_MAX_BODY_BYTES", 262_144, "Largest request body accepted (413 above it).", minimum=1024
+    )
+    idempotency_ttl_seconds: int = setting(
+        "CONVEYOR_IDEMPOTENCY_TTL_SECONDS",
+        86_400,
+        "How long an Idempotency-Key is remembered (24 h, as Stripe). A key reused after it is a new "
+        "request.",
+        minimum=60,
+    )
+    # --- Worker ---------------------------------------------------------------------------------
+    worker_processes: int = setting("CONVEYOR_WORKER_PROCESSES", 2, "dramatiq worker processes.", minimum=1)
+    worker_threads: int = setting(
+        "CONVEYOR_WORKER_THREADS", 8, "Threads per worker process (jobs run concurrently).", minimum=1
+    )
+    worker_shutdown_timeout_seconds: int = setting(
+        "CONVEYOR_WORKER_SHUTDOWN_TIMEOUT_SECONDS",
+        30,
+        "On SIGTERM, how long running jobs may take to finish before the process exits. Jobs still "
+        "running then are re-run elsewhere once their lease expires. Keep it below the platform's "
+        "kill grace period.",
+        minimum=1,
+    )
+    job_lease_seconds: int = setting(
+        "CONVEYOR_JOB_LEASE_SECONDS",
+        30,
+        "A running job's lease, renewed by its worker every third of it. A job whose lease lapses "
+        "(worker killed, host lost) is retried or failed by the relay.",
+        minimum=2,
+    )
+    retry_base_seconds: float = setting(
+        "CONVEYOR_RETRY_BASE_SECONDS",
+        2.0,
+        "First retry delay; each later one doubles, with jitter.",
+        minimum=0,
+    )
+    retry_max_seconds: float = setting(
+        "CONVEYOR_RETRY_MAX_SECONDS",
+        600.0,
+        "Cap on one retry delay. Delays wait in Postgres, not in RabbitMQ, so RabbitMQ's "
+        "consumer_timeout never applies to them; 10 min keeps retries timely.",
+        minimum=0,
+    )
+    # --- Relay ----------------------------------------------------------------------------------
+    relay_poll_seconds: float = setting(
+        "CONVEYOR_RELAY_POLL_SECONDS",
+        0.5,
+        "How often the relay looks for due outbox rows, expired leases and expired keys when idle. "
+        "Bounds the extra latency of a retry or a scheduled job.",
+        minimum=0.01,
+    )
+    relay_batch_size: int = setting(
+        "CONVEYOR_RELAY_BATCH_SIZE", 200, "Outbox rows the relay publishes per round.", minimum=1
+    )
+    outbox_grace_seconds: float = setting(
+        "CONVEYOR_OUTBOX_GRACE_SECONDS",
+        5.0,
+        "How long the relay leaves a fresh outbox row to the API that wrote it before publishing it "
+        "itself. The API normally publishes within milliseconds.",
+        minimum=0.1,
+    )
+    # --- Logging --------------------------------------------------------------------------------
+    log_level: str = setting("CONVEYOR_LOG_LEVEL", "INFO", "Python log level of every process.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None:
+                continue
+            values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    def redacted_database_url(self) -> str:
+        return _redact(self.database_url)
+
+    def redacted_broker_url(self) -> str:
+        return _redact(self.broker_url)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    env, kind = f.metadata["env"], cast(type, type(f.default))
+    try:
+        if kind is bool:
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            value: Any = raw.lower() in {"1", "true", "yes", "on"}
+        else:
+            value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{env} must be a {kind.__name__}, got {raw!r}") from None
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{env} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _redact(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings.from_env()
+
+
+def markdown_table() -> str:
+    lines = ["| Variable | Default | What it does |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        lines.append(f"| `{f.metadata['env']}` | `{f.default}` | {f.metadata['doc']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")

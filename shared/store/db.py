@@ -1,0 +1,176 @@
+"""Postgres connections: a small blocking pool, transactions, and the mapping of failures to errors.
+
+Connections run in autocommit mode, so a single-statement operation (claiming a job, recording its
+outcome) costs exactly one round trip. Multi-statement work goes through ``Database.transaction``,
+which sends BEGIN/COMMIT itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+
+from shared.errors import IllegalTransition, StoreUnavailable
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Cursor = psycopg2.extensions.cursor
+
+psycopg2.extras.register_uuid()  # type: ignore[no-untyped-call]
+
+#: Errors that mean "the database is not usable right now" rather than "this statement is wrong".
+_UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+class Database:
+    """A thread-safe pool of at most ``pool_size`` connections to one Postgres database.
+
+    Checkout blocks while every connection is in use (psycopg2's own pools raise instead). The pool
+    notices a fork and starts afresh in the child, so it may be created before gunicorn or dramatiq
+    fork their workers.
+    """
+
+    def __init__(self, settings: Settings, *, application_name: str = "conveyor") -> None:
+        self._dsn = settings.database_url
+        self._connect_kwargs: dict[str, Any] = {
+            "connect_timeout": settings.db_connect_timeout_seconds,
+            "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
+            "application_name": application_name,
+        }
+        self._size = settings.db_pool_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._idle: list[psycopg2.extensions.connection] = []
+        self._slots = threading.BoundedSemaphore(self._size)
+        self._lock = threading.Lock()
+
+    def _connect(self) -> psycopg2.extensions.connection:
+        try:
+            conn: psycopg2.extensions.connection = psycopg2.connect(self._dsn, **self._connect_kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        conn.autocommit = True
+        return conn
+
+    @contextmanager
+    def _checkout(self) -> Iterator[tuple[psycopg2.extensions.connection, bool]]:
+        if os.getpid() != self._pid:
+            self._reset()
+        self._slots.acquire()
+        conn: psycopg2.extensions.connection | None = None
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            reused = conn is not None
+            if conn is None:
+                conn = self._connect()
+            yield conn, reused
+        finally:
+            if conn is not None:
+                if conn.closed or conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                    _close_quietly(conn)
+                else:
+                    with self._lock:
+                        self._idle.append(conn)
+            self._slots.release()
+
+    def run(self, work: Callable[[Cursor], T], *, transaction: bool = True) -> T:
+        """Run ``work(cursor)``, by default inside one transaction, and return its result.
+
+        If a connection taken from the pool turns out to be dead (Postgres restarted since it was
+        last used), the work is retried once on a fresh connection: nothing of it can have been
+        committed. Pass ``transaction=False`` for a single statement that commits by itself; it is
+        never retried, because the statement may have run before the connection broke.
+        """
+        for attempt in (1, 2):
+            with self._checkout() as (conn, reused):
+                try:
+                    return _run_on(conn, work, transaction)
+                except _StaleConnection as stale:
+                    if transaction and reused and attempt == 1:
+                        logger.info("discarding a dead pooled connection: %s", stale.cause)
+                        continue
+                    raise StoreUnavailable(_describe(stale.cause)) from stale.cause
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def execute(self, work: Callable[[Cursor], T]) -> T:
+        """Run one statement that commits by itself (one round trip)."""
+        return self.run(work, transaction=False)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _close_quietly(conn)
+
+
+class _StaleConnection(Exception):
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _run_on(conn: psycopg2.extensions.connection, work: Callable[[Cursor], T], transaction: bool) -> T:
+    committing = False
+    try:
+        with conn.cursor() as cur:
+            if transaction:
+                cur.execute("BEGIN")
+            result = work(cur)
+            if transaction:
+                committing = True
+                cur.execute("COMMIT")
+            return result
+    except _UNAVAILABLE as exc:
+        if conn.closed and not committing:
+            raise _StaleConnection(exc) from exc
+        _rollback_quietly(conn)
+        raise StoreUnavailable(_describe(exc)) from exc
+    except psycopg2.errors.CheckViolation as exc:
+        _rollback_quietly(conn)
+        if "illegal job status transition" in str(exc):
+            raise IllegalTransition(str(exc).splitlines()[0]) from exc
+        raise
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+
+
+def _rollback_quietly(conn: psycopg2.extensions.connection) -> None:
+    if conn.closed:
+        return
+    try:
+        if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            with conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+    except _UNAVAILABLE:
+        _close_quietly(conn)
+
+
+def _close_quietly(conn: psycopg2.extensions.connection) -> None:
+    with contextlib.suppress(*_UNAVAILABLE):
+        conn.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason that never includes the DSN (and so no password)."""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {first_line}"
+
+
+def json_param(value: Any) -> psycopg2.extras.Json:
+    return psycopg2.extras.Json(value)

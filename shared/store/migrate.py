@@ -1,0 +1,108 @@
+"""Versioned SQL migrations, applied by one idempotent command: ``conveyor migrate``.
+
+Each ``migrations/NNNN_name.sql`` file runs once, in its own transaction, and is recorded in
+``schema_migrations``. An advisory lock serialises concurrent runs (several pods starting at once).
+Every run also copies the job state machine from ``shared.jobs`` into ``job_status_transitions``.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from shared.errors import StoreUnavailable
+from shared.jobs import transition_rows
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Arbitrary constant naming Conveyor's migration lock among the database's advisory locks.
+_MIGRATION_LOCK = 0x436F6E7665796F72  # "Conveyor"
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(version, SQL) for every migration, in order."""
+    folder = resources.files("shared.store") / "migrations"
+    files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
+    return [(p.name.removesuffix(".sql"), p.read_text(encoding="utf-8")) for p in files]
+
+
+def migrate(settings: Settings) -> list[str]:
+    """Create the database if needed, apply pending migrations; returns the versions applied."""
+    _ensure_database(settings)
+    conn = _connect(settings.database_url, settings)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+            try:
+                return _apply(conn)
+            finally:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    finally:
+        conn.close()
+
+
+def _apply(conn: psycopg2.extensions.connection) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur.execute("SELECT version FROM schema_migrations")
+        done = {row[0] for row in cur.fetchall()}
+    applied = []
+    for version, text in migration_files():
+        if version in done:
+            continue
+        logger.info("applying migration %s", version)
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute(text)
+            cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            cur.execute("COMMIT")
+        applied.append(version)
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("DELETE FROM job_status_transitions")
+        cur.executemany(
+            "INSERT INTO job_status_transitions (from_status, to_status) VALUES (%s, %s)",
+            list(transition_rows()),
+        )
+        cur.execute("COMMIT")
+    return applied
+
+
+def _connect(dsn: str, settings: Settings) -> psycopg2.extensions.connection:
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=settings.db_connect_timeout_seconds)
+    except psycopg2.OperationalError as exc:
+        raise StoreUnavailable(str(exc).strip().splitlines()[0]) from exc
+    conn.autocommit = True
+    return conn
+
+
+def _ensure_database(settings: Settings) -> None:
+    """Create the target database through the ``postgres`` maintenance database if it is missing."""
+    try:
+        _connect(settings.database_url, settings).close()
+        return
+    except StoreUnavailable as exc:
+        if "does not exist" not in str(exc):
+            raise
+    parts = urlsplit(settings.database_url)
+    name = parts.path.lstrip("/")
+    maintenance = urlunsplit(parts._replace(path="/postgres"))
+    conn = _connect(maintenance, settings)
+    try:
+        with conn.cursor() as cur:
+            logger.info("creating database %s", name)
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg2.errors.DuplicateDatabase:
+        pass  # created concurrently by another migrate run
+    finally:
+        conn.close()

@@ -1,0 +1,192 @@
+"""Running one job message: claim in Postgres, run the handler, record the outcome, ack or dead-letter.
+
+Per message, in the common case, exactly two statements reach Postgres: the claim and the outcome.
+
+- The claim is a compare-and-set (queued/retrying and due → running, attempts + 1). Any other copy of
+  the message (a redelivery, a duplicate publish) finds the job running or finished and is acked
+  without running anything.
+- A retryable failure writes ``retrying`` and the next attempt's outbox row in one statement; the relay
+  publishes it when the backoff is over. Retries therefore never wait in RabbitMQ (no delay queue, no
+  unacked message held past ``consumer_timeout``) and cannot be lost between ack and re-publish.
+- A final failure writes ``failed`` first, then nacks the message so RabbitMQ dead-letters it to the
+  queue's ``.XQ``.
+- If Postgres is unreachable, the worker thread waits and tries again rather than acking: the message
+  stays unacked in RabbitMQ until the outcome is safely written (or the process dies and RabbitMQ
+  redelivers it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from shared.errors import StoreUnavailable
+from shared.job_types import JobType
+from shared.jobs import Job, JobError, retry_delay_seconds
+from shared.settings import Settings
+from shared.store import Database
+from shared.store import jobs as job_store
+from shared.store.db import Cursor
+from worker_service.context import JobContext
+from worker_service.deadlines import DeadlineMonitor
+from worker_service.errors import FatalJobError, JobTimeout
+from worker_service.leases import LeaseKeeper
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Waits between attempts to reach an unavailable Postgres: quick at first, then every 5 s.
+DB_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+Handler = Callable[[dict[str, Any], JobContext], Any]
+
+
+class Message(Protocol):
+    """The part of dramatiq's MessageProxy the executor uses."""
+
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def redelivered(self) -> bool: ...
+
+    def fail(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt came to; ``error`` is None on success."""
+
+    result: Any = None
+    error: JobError | None = None
+    retryable: bool = False
+
+
+class Executor:
+    def __init__(
+        self, settings: Settings, db: Database, leases: LeaseKeeper, deadlines: DeadlineMonitor
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._leases = leases
+        self._deadlines = deadlines
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def execute(self, job_type: JobType, handler: Handler, message: Message) -> None:
+        try:
+            job_id = uuid.UUID(message.message_id)
+        except ValueError:
+            logger.error("dead-lettering message %r: its message_id is not a job id", message.message_id)
+            message.fail()
+            return
+        log = {"job_id": job_id, "job_type": job_type.name}
+        claim = self._with_db(lambda cur: job_store.claim_job(cur, job_id, self._settings.job_lease_seconds))
+        if isinstance(claim, job_store.Missing):
+            logger.error("dead-lettering message: no job has its id", extra=log)
+            message.fail()
+            return
+        if isinstance(claim, job_store.NotClaimable):
+            logger.info(
+                "skipping message: job is %s%s", claim.status, " and not yet due" if claim.due_later else "",
+                extra={**log, "redelivered": message.redelivered},
+            )  # fmt: skip
+            return
+        job = claim.job
+        log["attempt"] = job.attempts
+        logger.info("attempt started", extra=log)
+        outcome = self._run_handler(job, handler)
+        recorded = self._record(job, outcome)
+        if not recorded:
+            logger.warning("outcome discarded: the attempt was taken over after its lease lapsed", extra=log)
+        elif outcome.error is None:
+            logger.info("job succeeded", extra=log)
+        elif outcome.retryable and job.attempts < job.max_attempts:
+            logger.warning("attempt failed, will retry: %s", outcome.error.detail, extra=log)
+        else:
+            logger.error("job failed: %s", outcome.error.detail, extra=log)
+            message.fail()  # dead-letter the message to the queue's XQ
+
+    def _run_handler(self, job: Job, handler: Handler) -> Outcome:
+        deadline = time.monotonic() + job.timeout_seconds
+        context = JobContext(
+            job_id=job.id,
+            job_type=job.type,
+            attempt=job.attempts,
+            max_attempts=job.max_attempts,
+            labels=job.labels,
+            deadline=deadline,
+            _report=lambda percent, text: self._report_progress(job, percent, text),
+        )
+        self._leases.track(job.id, job.attempts, deadline)
+        try:
+            try:
+                with self._deadlines.limit(deadline):
+                    result = handler(dict(job.payload), context)
+            except JobTimeout:
+                return _failure(job, "JobTimeout", "The attempt exceeded its timeout",
+                                f"Still running after {job.timeout_seconds} s.", retryable=True)  # fmt: skip
+            except FatalJobError as exc:
+                return _failure(job, _error_type(exc), "The handler reported a permanent failure",
+                                str(exc), retryable=False)  # fmt: skip
+            except Exception as exc:
+                logger.warning(
+                    "handler raised", exc_info=True, extra={"job_id": job.id, "attempt": job.attempts}
+                )
+                return _failure(
+                    job, _error_type(exc), "The handler raised an error", str(exc), retryable=True
+                )
+        finally:
+            self._leases.untrack(job.id)
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            return _failure(job, "InvalidResult", "The handler returned a result that is not JSON",
+                            str(exc), retryable=False)  # fmt: skip
+        return Outcome(result=result)
+
+    def _record(self, job: Job, outcome: Outcome) -> bool:
+        error = outcome.error
+        if error is None:
+            return self._with_db(lambda cur: job_store.record_success(cur, job, outcome.result))
+        if outcome.retryable and job.attempts < job.max_attempts:
+            delay = retry_delay_seconds(
+                job.attempts, base=self._settings.retry_base_seconds, cap=self._settings.retry_max_seconds
+            )
+            return self._with_db(lambda cur: job_store.record_retry(cur, job, error, delay))
+        return self._with_db(lambda cur: job_store.record_failure(cur, job, error))
+
+    def _report_progress(self, job: Job, percent: float | None, text: str | None) -> None:
+        progress = {"percent": percent, "message": text}
+        try:
+            self._db.execute(lambda cur: job_store.record_progress(cur, job, progress))
+        except StoreUnavailable as exc:
+            logger.warning("could not record progress: %s", exc, extra={"job_id": job.id})
+
+    def _with_db(self, work: Callable[[Cursor], T]) -> T:
+        """Run one statement, waiting out a Postgres outage instead of giving up on the message."""
+        for attempt in range(1_000_000):
+            try:
+                return self._db.execute(work)
+            except StoreUnavailable as exc:
+                delay = DB_RETRY_DELAYS[min(attempt, len(DB_RETRY_DELAYS) - 1)]
+                logger.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+        raise StoreUnavailable("gave up waiting for the database")  # pragma: no cover
+
+
+def _failure(job: Job, error_type: str, title: str, detail: str, *, retryable: bool) -> Outcome:
+    return Outcome(error=JobError(error_type, title, detail, job.attempts), retryable=retryable)
+
+
+def _error_type(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"

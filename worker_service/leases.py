@@ -1,0 +1,73 @@
+"""Leases on running jobs: how the relay tells a slow job from a lost one.
+
+A claim gives the job a lease of ``CONVEYOR_JOB_LEASE_SECONDS``. The keeper thread of each worker
+process renews the leases of all its running jobs in one statement every third of that. If the process
+dies (SIGKILL, OOM, host lost), renewals stop, the lease lapses and the relay retries or fails the job.
+A job that overruns its timeout by more than a lease (a handler stuck in C code that JobTimeout cannot
+interrupt) stops being renewed too, so it cannot hold its slot forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from shared.errors import StoreUnavailable
+from shared.store import Database
+from shared.store import jobs as job_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunningAttempt:
+    job_id: uuid.UUID
+    attempt: int
+    #: time.monotonic() after which the lease is no longer renewed.
+    renew_until: float
+
+
+class LeaseKeeper:
+    def __init__(self, db: Database, lease_seconds: float) -> None:
+        self._db = db
+        self._lease = lease_seconds
+        self._lock = threading.Lock()
+        self._running: dict[uuid.UUID, RunningAttempt] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def track(self, job_id: uuid.UUID, attempt: int, deadline: float) -> None:
+        with self._lock:
+            self._running[job_id] = RunningAttempt(job_id, attempt, deadline + self._lease)
+
+    def untrack(self, job_id: uuid.UUID) -> None:
+        with self._lock:
+            self._running.pop(job_id, None)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._renew_forever, name="conveyor-leases", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def renew_now(self) -> int:
+        now = time.monotonic()
+        with self._lock:
+            due = [(a.job_id, a.attempt) for a in self._running.values() if a.renew_until > now]
+        if not due:
+            return 0
+        return self._db.execute(lambda cur: job_store.renew_leases(cur, due, self._lease))
+
+    def _renew_forever(self) -> None:
+        while not self._stop.wait(self._lease / 3):
+            try:
+                self.renew_now()
+            except StoreUnavailable as exc:
+                logger.warning("could not renew job leases: %s", exc)
+            except Exception:  # pragma: no cover - keep renewing whatever happens
+                logger.exception("lease renewal failed")

@@ -1,0 +1,141 @@
+"""The relay: publishes the outbox to RabbitMQ and keeps the job table honest.
+
+Each round it
+1. leases due outbox rows (new jobs the API could not publish, scheduled jobs whose time came, retries
+   whose backoff is over), publishes them with publisher confirms and deletes the confirmed ones;
+2. retries or fails running jobs whose lease lapsed (their worker is gone);
+3. every minute, purges a batch of expired idempotency keys.
+
+Several relays may run at once: rows are leased with ``FOR UPDATE SKIP LOCKED``. A duplicate publish
+(a relay dying between publish and delete) is harmless, because the worker's claim runs a job once.
+
+Run it with ``conveyor relay`` (``python -m worker_service.relay``); SIGTERM or Ctrl-C stops it after
+the current round.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+from shared.broker import Publisher, create_broker
+from shared.errors import StoreUnavailable
+from shared.logs import configure_logging
+from shared.settings import Settings, get_settings
+from shared.store import Database
+from shared.store import idempotency as key_store
+from shared.store import jobs as job_store
+from shared.store import outbox as outbox_store
+
+logger = logging.getLogger(__name__)
+
+#: How long a relay holds the rows it is publishing. Generous: a batch normally takes milliseconds, and
+#: a relay that dies mid-batch only delays those rows by this much.
+OUTBOX_LEASE_SECONDS = 30.0
+KEY_PURGE_INTERVAL_SECONDS = 60.0
+KEY_PURGE_BATCH = 1000
+LAPSED_LEASE_BATCH = 100
+
+
+@dataclass
+class RoundReport:
+    published: int = 0
+    failed_publishes: int = 0
+    recovered: int = 0
+    purged_keys: int = 0
+
+
+class Relay:
+    def __init__(self, settings: Settings, db: Database, publisher: Publisher) -> None:
+        self._settings = settings
+        self._db = db
+        self._publisher = publisher
+        self._next_purge = 0.0
+
+    def run_round(self) -> RoundReport:
+        report = RoundReport()
+        self._publish_due(report)
+        self._recover_lapsed(report)
+        if time.monotonic() >= self._next_purge:
+            report.purged_keys = self._db.execute(lambda cur: key_store.purge_expired(cur, KEY_PURGE_BATCH))
+            self._next_purge = time.monotonic() + KEY_PURGE_INTERVAL_SECONDS
+        return report
+
+    def _publish_due(self, report: RoundReport) -> None:
+        batch = self._settings.relay_batch_size
+        due = self._db.execute(
+            lambda cur: outbox_store.lease_due(cur, limit=batch, lease_seconds=OUTBOX_LEASE_SECONDS)
+        )
+        if not due:
+            return
+        published = self._publisher.publish_all(due)
+        published_ids = [d.outbox_id for d in published if d.outbox_id is not None]
+        self._db.execute(lambda cur: outbox_store.delete_published(cur, published_ids))
+        report.published = len(published)
+        unpublished = [d.outbox_id for d in due[len(published) :] if d.outbox_id is not None]
+        if unpublished:
+            report.failed_publishes = len(unpublished)
+            retry_in = self._settings.publish_backoff_seconds
+            self._db.execute(
+                lambda cur: outbox_store.record_publish_error(
+                    cur, unpublished, "broker unavailable", retry_in
+                )
+            )
+        logger.info("published %d outbox message(s), %d left for later", len(published), len(unpublished))
+
+    def _recover_lapsed(self, report: RoundReport) -> None:
+        recovered = self._db.execute(
+            lambda cur: job_store.recover_lapsed_leases(
+                cur,
+                limit=LAPSED_LEASE_BATCH,
+                retry_base=self._settings.retry_base_seconds,
+                retry_cap=self._settings.retry_max_seconds,
+            )
+        )
+        for job in recovered:
+            logger.warning(
+                "job's lease lapsed (worker lost); now %s", job.status,
+                extra={"job_id": job.id, "job_type": job.type, "attempt": job.attempts},
+            )  # fmt: skip
+        report.recovered = len(recovered)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        logger.info("relay started")
+        while not stop.is_set():
+            try:
+                report = self.run_round()
+            except StoreUnavailable as exc:
+                logger.warning("database unavailable: %s", exc)
+                stop.wait(self._settings.publish_backoff_seconds)
+                continue
+            if report.published < self._settings.relay_batch_size:  # a full batch: more may be due
+                stop.wait(self._settings.relay_poll_seconds)
+        logger.info("relay stopped")
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings)
+    db = Database(settings, application_name="conveyor-relay")
+    publisher = Publisher(create_broker(settings), settings.queue_prefix, settings.publish_backoff_seconds)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        logger.info("signal %s received, stopping after this round", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        Relay(settings, db, publisher).run_forever(stop)
+    finally:
+        publisher.close()
+        db.close()
+
+
+if __name__ == "__main__":
+    main()
