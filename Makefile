@@ -1,0 +1,54 @@
+# Conveyor's commands. `make help` lists them; each target is a one-line wrapper.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help install migrate run api worker relay test unit lint format typecheck clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	@touch $@
+
+install: $(BIN)/.installed ## Create the virtualenv (if missing) and install Conveyor with its dev tools
+
+migrate: install ## Create the database if needed and apply migrations
+	$(BIN)/conveyor migrate
+
+run: migrate ## Install, migrate, then run API + worker + relay in the foreground (Ctrl-C stops all)
+	$(BIN)/conveyor run
+
+api: migrate ## Run only the API (gunicorn)
+	$(BIN)/conveyor api
+
+worker: migrate ## Run only the worker (dramatiq)
+	$(BIN)/conveyor worker
+
+relay: migrate ## Run only the outbox relay
+	$(BIN)/conveyor relay
+
+test: install lint typecheck ## Lint, type-check and run every test against the local Postgres and RabbitMQ
+	$(BIN)/pytest
+
+unit: install ## Run only the unit tests (no services needed)
+	$(BIN)/pytest tests/unit
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install ## Apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: install ## mypy (strict) over the three packages
+	$(BIN)/mypy
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .run *.egg-info

@@ -1,0 +1,177 @@
+"""Fixtures for the whole suite.
+
+The test run gets its own database (``conveyor_test``, recreated each session) and its own queues
+(prefix ``conveyor_test.``), so it never touches a Conveyor started with ``make run``. Timings are
+shortened (leases, retries, relay polling) so failure paths finish in seconds.
+
+Unit tests (tests/unit) use none of the service fixtures and open no sockets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from support import (
+    START_POSTGRES,
+    START_RABBITMQ,
+    ApiClient,
+    ServiceProcess,
+    amqp_channel,
+    free_port,
+    pg,
+    queue_counts,
+    wait_for,
+)
+
+TEST_ENV = {
+    "CONVEYOR_DATABASE_URL": os.environ.get(
+        "CONVEYOR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/conveyor_test"
+    ),
+    "CONVEYOR_BROKER_URL": os.environ.get("CONVEYOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+    "CONVEYOR_QUEUE_PREFIX": "conveyor_test.",
+    "CONVEYOR_API_BIND": f"127.0.0.1:{free_port()}",
+    "CONVEYOR_API_WORKERS": "1",
+    "CONVEYOR_API_THREADS": "16",
+    "CONVEYOR_WORKER_PROCESSES": "1",
+    "CONVEYOR_WORKER_THREADS": "4",
+    "CONVEYOR_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "10",
+    "CONVEYOR_JOB_LEASE_SECONDS": "3",
+    "CONVEYOR_RETRY_BASE_SECONDS": "0.1",
+    "CONVEYOR_RETRY_MAX_SECONDS": "0.5",
+    "CONVEYOR_RELAY_POLL_SECONDS": "0.1",
+    "CONVEYOR_OUTBOX_GRACE_SECONDS": "1",
+    "CONVEYOR_PUBLISH_BACKOFF_SECONDS": "0.5",
+    "CONVEYOR_DB_POOL_SIZE": "16",
+}
+# Before anything imports shared.settings: the whole process (and its children) use the test setup.
+os.environ.update(TEST_ENV)
+
+from shared.settings import Settings  # noqa: E402
+
+DEFAULT_QUEUE = "conveyor_test.default"
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def dsn(settings: Settings) -> str:
+    return settings.database_url
+
+
+@pytest.fixture(scope="session")
+def broker_url(settings: Settings) -> str:
+    return settings.broker_url
+
+
+@pytest.fixture(scope="session")
+def database(settings: Settings) -> str:
+    """A freshly migrated test database; fails (never skips) if Postgres is unreachable."""
+    from shared.store.migrate import migrate
+
+    maintenance = settings.database_url.rsplit("/", 1)[0] + "/postgres"
+    try:
+        with pg(maintenance) as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = 'conveyor_test' AND pid <> pg_backend_pid()"
+            )
+            cur.execute("DROP DATABASE IF EXISTS conveyor_test")
+    except Exception as exc:
+        pytest.fail(f"Postgres is not reachable ({exc}). Start it with: {START_POSTGRES}", pytrace=False)
+    migrate(settings)
+    return settings.database_url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(settings: Settings) -> str:
+    """RabbitMQ with the test queues emptied; fails (never skips) if it is unreachable."""
+    try:
+        with amqp_channel(settings.broker_url) as channel:
+            for suffix in ("", ".DQ", ".XQ"):
+                channel.queue_delete(queue=DEFAULT_QUEUE + suffix)
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ is not reachable ({exc}). Start it with: {START_RABBITMQ}", pytrace=False)
+    return settings.broker_url
+
+
+@pytest.fixture(scope="session")
+def service_env(database: str, rabbitmq: str) -> dict[str, str]:
+    return {**os.environ, **TEST_ENV}
+
+
+@pytest.fixture(scope="session")
+def api_process(service_env: dict[str, str], settings: Settings) -> Iterator[ServiceProcess]:
+    proc = ServiceProcess("api", service_env).start()
+    base = f"http://{settings.api_bind}"
+
+    def healthy() -> bool:
+        import requests
+
+        try:
+            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            assert proc.running, f"the API exited:\n{proc.log_text()[-3000:]}"
+            return False
+
+    wait_for(healthy, timeout=30, interval=0.2, what="the API to answer /healthz")
+    yield proc
+    proc.stop()
+
+
+def start_worker(env: dict[str, str], broker_url: str) -> ServiceProcess:
+    """Start a worker and wait until it consumes the default queue."""
+    proc = ServiceProcess("worker", env).start()
+
+    def consuming() -> bool:
+        assert proc.running, f"the worker exited:\n{proc.log_text()[-3000:]}"
+        return queue_counts(broker_url, DEFAULT_QUEUE)[1] >= 1
+
+    wait_for(consuming, timeout=30, interval=0.2, what="the worker to consume")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def worker_process(service_env: dict[str, str], broker_url: str) -> Iterator[ServiceProcess]:
+    proc = start_worker(service_env, broker_url)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def relay_process(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
+    proc = ServiceProcess("relay", service_env).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def worker(worker_process: ServiceProcess, service_env: dict[str, str], broker_url: str) -> ServiceProcess:
+    """The session's worker, restarted first if an earlier test stopped or killed it."""
+    if not worker_process.running:
+        restarted = start_worker(service_env, broker_url)
+        worker_process.proc = restarted.proc
+    return worker_process
+
+
+@pytest.fixture
+def relay(relay_process: ServiceProcess) -> ServiceProcess:
+    if not relay_process.running:
+        relay_process.start()
+    return relay_process
+
+
+@pytest.fixture
+def api(api_process: ServiceProcess, settings: Settings) -> ApiClient:
+    return ApiClient(f"http://{settings.api_bind}")
+
+
+@pytest.fixture
+def conveyor(api: ApiClient, worker: ServiceProcess, relay: ServiceProcess) -> ApiClient:
+    """The whole running system: API, worker and relay."""
+    return api

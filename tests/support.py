@@ -1,0 +1,203 @@
+"""Test support: the real services as child processes, and small waiting/inspection helpers.
+
+Nothing here mocks Postgres or RabbitMQ; when one cannot be reached, the fixtures fail with the command
+that would start it (they never skip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pika
+import psycopg2
+import requests
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ROOT / ".run" / "test-logs"
+
+START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+START_RABBITMQ = "rabbitmq-server -detached"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    check: Callable[[], T | None], *, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+class ServiceProcess:
+    """One Conveyor process (``python -m shared.cli <command>``) in its own process group."""
+
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        self.command = command
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"{command}.log"
+
+    def start(self) -> ServiceProcess:
+        assert self.proc is None or self.proc.poll() is not None, f"{self.command} is already running"
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", self.command],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig) if sig == signal.SIGKILL else self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; SIGKILL the whole group if it does not stop in time."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.proc.returncode or 0)
+
+    def kill(self) -> None:
+        """SIGKILL the process and every child (a crash, an OOM kill, a lost node)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# --- Postgres --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def pg(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
+    conn = psycopg2.connect(dsn, connect_timeout=3)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
+
+
+def count_rows(dsn: str, table: str) -> int:
+    with pg(dsn) as cur:
+        cur.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed table names from tests
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+# --- RabbitMQ --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def amqp_channel(url: str) -> Iterator[Any]:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        yield connection.channel()
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def queue_counts(url: str, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of a queue, or (0, 0) if it does not exist yet."""
+    try:
+        with amqp_channel(url) as channel:
+            frame = channel.queue_declare(queue=queue, passive=True)
+            return frame.method.message_count, frame.method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0, 0
+
+
+def peek_message_ids(url: str, queue: str, limit: int = 10_000) -> list[str]:
+    """message_ids of the messages in a queue, leaving them all in place (unacked, then requeued)."""
+    ids = []
+    with amqp_channel(url) as channel:
+        for _ in range(limit):
+            method, _props, body = channel.basic_get(queue=queue, auto_ack=False)
+            if method is None:
+                break
+            ids.append(json.loads(body)["message_id"])
+    return ids
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+# --- the API ---------------------------------------------------------------------------------------
+
+
+class ApiClient:
+    """Thin requests wrapper for the API under test."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.session = requests.Session()
+
+    def submit(self, body: dict[str, Any], *, key: str | None = None, **kwargs: Any) -> requests.Response:
+        headers = {"Idempotency-Key": key} if key else {}
+        return self.session.post(f"{self.base_url}/v1/jobs", json=body, headers=headers, timeout=10, **kwargs)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.session.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=10)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def wait_status(self, job_id: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["status"] in statuses else None
+
+        return wait_for(reached, timeout=timeout, interval=0.1, what=f"job {job_id} to be {statuses}")
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())
