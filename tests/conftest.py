@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterator
 
 import pytest
-
 from support import (
     START_POSTGRES,
     START_RABBITMQ,
@@ -22,7 +21,6 @@ from support import (
     amqp_channel,
     free_port,
     pg,
-    queue_counts,
     wait_for,
 )
 
@@ -30,7 +28,9 @@ TEST_ENV = {
     "CONVEYOR_DATABASE_URL": os.environ.get(
         "CONVEYOR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/conveyor_test"
     ),
-    "CONVEYOR_BROKER_URL": os.environ.get("CONVEYOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+    "CONVEYOR_BROKER_URL": os.environ.get(
+        "CONVEYOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"
+    ),
     "CONVEYOR_QUEUE_PREFIX": "conveyor_test.",
     "CONVEYOR_API_BIND": f"127.0.0.1:{free_port()}",
     "CONVEYOR_API_WORKERS": "1",
@@ -49,9 +49,9 @@ TEST_ENV = {
 # Before anything imports shared.settings: the whole process (and its children) use the test setup.
 os.environ.update(TEST_ENV)
 
-from shared.settings import Settings  # noqa: E402
+from support import DEFAULT_QUEUE  # noqa: E402
 
-DEFAULT_QUEUE = "conveyor_test.default"
+from shared.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -124,21 +124,10 @@ def api_process(service_env: dict[str, str], settings: Settings) -> Iterator[Ser
     proc.stop()
 
 
-def start_worker(env: dict[str, str], broker_url: str) -> ServiceProcess:
-    """Start a worker and wait until it consumes the default queue."""
-    proc = ServiceProcess("worker", env).start()
-
-    def consuming() -> bool:
-        assert proc.running, f"the worker exited:\n{proc.log_text()[-3000:]}"
-        return queue_counts(broker_url, DEFAULT_QUEUE)[1] >= 1
-
-    wait_for(consuming, timeout=30, interval=0.2, what="the worker to consume")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def worker_process(service_env: dict[str, str], broker_url: str) -> Iterator[ServiceProcess]:
-    proc = start_worker(service_env, broker_url)
+    proc = ServiceProcess("worker", service_env)
+    proc.start_worker(broker_url)
     yield proc
     proc.stop()
 
@@ -154,8 +143,7 @@ def relay_process(service_env: dict[str, str]) -> Iterator[ServiceProcess]:
 def worker(worker_process: ServiceProcess, service_env: dict[str, str], broker_url: str) -> ServiceProcess:
     """The session's worker, restarted first if an earlier test stopped or killed it."""
     if not worker_process.running:
-        restarted = start_worker(service_env, broker_url)
-        worker_process.proc = restarted.proc
+        worker_process.start_worker(broker_url)
     return worker_process
 
 

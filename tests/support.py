@@ -6,6 +6,7 @@ that would start it (they never skip).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,9 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / ".run" / "test-logs"
+
+#: The queue every shipped job type uses, with the test run's prefix.
+DEFAULT_QUEUE = "conveyor_test.default"
 
 START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 START_RABBITMQ = "rabbitmq-server -detached"
@@ -76,6 +80,17 @@ class ServiceProcess:
         log.close()
         return self
 
+    def start_worker(self, broker_url: str) -> ServiceProcess:
+        """Start (a worker) and wait until it consumes the default queue."""
+        self.start()
+
+        def consuming() -> bool:
+            assert self.running, f"the worker exited:\n{self.log_text()[-3000:]}"
+            return queue_counts(broker_url, DEFAULT_QUEUE)[1] >= 1
+
+        wait_for(consuming, timeout=30, interval=0.2, what="the worker to consume")
+        return self
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -100,10 +115,8 @@ class ServiceProcess:
         """SIGKILL the process and every child (a crash, an OOM kill, a lost node)."""
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
 
     def log_text(self) -> str:
@@ -126,7 +139,7 @@ def pg(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
 
 def count_rows(dsn: str, table: str) -> int:
     with pg(dsn) as cur:
-        cur.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed table names from tests
+        cur.execute(f"SELECT count(*) FROM {table}")
         row = cur.fetchone()
         assert row is not None
         return int(row[0])

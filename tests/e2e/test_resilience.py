@@ -1,0 +1,169 @@
+"""Nothing lost, nothing run twice: real process kills, a broker outage and duplicated messages."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import requests
+from support import ApiClient, ServiceProcess, pg, queue_counts, rabbitmqctl, wait_for
+
+from shared.broker import Publisher, create_broker
+from shared.jobs import NewJob
+from shared.messages import Dispatch
+from shared.settings import Settings
+from shared.store import Database
+from shared.store import jobs as job_store
+
+pytestmark = pytest.mark.e2e
+
+QUEUE = "conveyor_test.default"
+
+
+def submit(api: ApiClient, body: dict[str, object]) -> str:
+    response = api.submit(body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def outbox_rows(dsn: str, job_id: str) -> int:
+    with pg(dsn) as cur:
+        cur.execute("SELECT count(*) FROM outbox WHERE job_id = %s", (job_id,))
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def wait_queue_drained(broker_url: str) -> None:
+    wait_for(lambda: queue_counts(broker_url, QUEUE)[0] == 0, timeout=20, what=f"{QUEUE} to drain")
+
+
+def test_job_committed_but_never_published_is_delivered_by_the_relay(
+    conveyor: ApiClient, settings: Settings
+) -> None:
+    """The API died between COMMIT and publish: only the outbox row knows about the job."""
+    db = Database(settings)
+    job_id = uuid.uuid4()
+    new = NewJob("noop", "default", {}, 5, 1, 60, None, 0.0, {})
+    db.run(
+        lambda cur: job_store.insert_job(cur, job_id, new, outbox_grace_seconds=settings.outbox_grace_seconds)
+    )
+    db.close()
+    job = conveyor.wait_status(str(job_id), "succeeded", timeout=15)
+    assert job["attempts"] == 1
+
+
+@pytest.fixture
+def api_without_broker(service_env: dict[str, str]) -> Iterator[ApiClient]:
+    port = int(service_env["CONVEYOR_API_BIND"].rsplit(":", 1)[1]) + 1
+    env = {**service_env, "CONVEYOR_API_BIND": f"127.0.0.1:{port}",
+           "CONVEYOR_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/%2F"}  # fmt: skip
+    proc = ServiceProcess("api", env)
+    proc.log_path = proc.log_path.with_name("api-without-broker.log")
+    proc.start()
+    client = ApiClient(f"http://127.0.0.1:{port}")
+
+    def healthy() -> bool:
+        try:
+            return client.session.get(f"{client.base_url}/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            assert proc.running, proc.log_text()[-2000:]
+            return False
+
+    wait_for(healthy, timeout=30, interval=0.2, what="the broker-less API")
+    yield client
+    proc.stop()
+
+
+def test_submit_while_rabbitmq_is_unreachable_is_accepted_and_runs_later(
+    api_without_broker: ApiClient, worker: ServiceProcess, relay: ServiceProcess, dsn: str
+) -> None:
+    started = time.monotonic()
+    job_id = submit(api_without_broker, {"type": "noop"})
+    assert time.monotonic() - started < 5, "a dead broker must not hold the request"
+    assert outbox_rows(dsn, job_id) == 1, "the job waits in the outbox"
+    ready = api_without_broker.session.get(f"{api_without_broker.base_url}/readyz", timeout=10)
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["rabbitmq"] != "ok"
+    job = api_without_broker.wait_status(job_id, "succeeded", timeout=20)
+    assert job["attempts"] == 1
+    assert outbox_rows(dsn, job_id) == 0
+
+
+@pytest.mark.broker_restart
+def test_rabbitmq_restart_loses_no_job(conveyor: ApiClient, broker_url: str) -> None:
+    before = submit(conveyor, {"type": "demo.sleep", "payload": {"seconds": 0}, "delay_seconds": 1})
+    rabbitmqctl("stop_app")
+    try:
+        during = submit(conveyor, {"type": "noop"})
+        ready = conveyor.session.get(f"{conveyor.base_url}/readyz", timeout=10)
+        assert ready.status_code == 503
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+    for job_id in (before, during):
+        job = conveyor.wait_status(job_id, "succeeded", timeout=60)
+        assert job["attempts"] == 1
+    after = submit(conveyor, {"type": "noop"})
+    conveyor.wait_status(after, "succeeded", timeout=30)
+
+
+def test_duplicated_message_runs_the_job_once(
+    conveyor: ApiClient, worker: ServiceProcess, settings: Settings, broker_url: str
+) -> None:
+    worker.stop()
+    job_id = submit(conveyor, {"type": "demo.sleep", "payload": {"seconds": 0.5}})
+    job = conveyor.job(job_id)
+    publisher = Publisher(create_broker(settings), settings.queue_prefix, 0)
+    try:
+        for _ in range(2):  # two more copies: a relay republish and a producer retry, say
+            publisher.publish(Dispatch(uuid.UUID(job_id), job["type"], job["queue"], job["priority"]))
+    finally:
+        publisher.close()
+    assert queue_counts(broker_url, QUEUE)[0] >= 3
+    worker.start_worker(broker_url)
+    done = conveyor.wait_status(job_id, "succeeded")
+    wait_queue_drained(broker_url)
+    time.sleep(0.5)
+    assert conveyor.job(job_id) == done, "the extra copies changed nothing"
+    assert done["attempts"] == 1
+    assert worker.log_text().count('"skipping message: job is') >= 2
+
+
+def test_worker_killed_mid_job_finishes_after_restart(
+    conveyor: ApiClient, worker: ServiceProcess, broker_url: str
+) -> None:
+    job_id = submit(conveyor, {"type": "demo.sleep", "payload": {"seconds": 2}, "max_attempts": 3})
+    wait_for(lambda: conveyor.job(job_id)["progress"], timeout=15, what="the job to be running")
+    worker.kill()  # SIGKILL to the whole process group: no cleanup, no ack
+    assert conveyor.job(job_id)["status"] == "running"
+    worker.start_worker(broker_url)
+    job = conveyor.wait_status(job_id, "succeeded", timeout=30)
+    assert job["attempts"] == 2, "the killed attempt counts; the job succeeded once, on attempt 2"
+    assert job["result"] == {"slept_seconds": 2, "attempt": 2}
+    assert job["error"] is None
+
+
+def test_sigterm_drains_running_jobs_and_loses_none(
+    conveyor: ApiClient, worker: ServiceProcess, broker_url: str
+) -> None:
+    batch = str(uuid.uuid4())
+    job_ids = [
+        submit(conveyor, {"type": "demo.sleep", "payload": {"seconds": 1.5}, "labels": {"batch": batch}})
+        for _ in range(8)
+    ]  # 4 worker threads: half run, half wait in the worker's prefetch
+    wait_for(lambda: conveyor.job(job_ids[0])["status"] == "running", timeout=10, what="jobs to start")
+    worker.signal(signal.SIGTERM)
+    assert worker.proc is not None
+    assert worker.proc.wait(20) == 0, "the worker exits cleanly after draining"
+    finished = [conveyor.job(j) for j in job_ids]
+    assert all(j["status"] in ("succeeded", "queued") for j in finished), [j["status"] for j in finished]
+    assert any(j["status"] == "succeeded" for j in finished), "running jobs finished during the drain"
+    worker.start_worker(broker_url)
+    for job_id in job_ids:
+        job = conveyor.wait_status(job_id, "succeeded", timeout=30)
+        assert job["attempts"] == 1, "no job ran twice and none was interrupted"

@@ -1,0 +1,209 @@
+"""Bad input at the HTTP edge: each gets the exact problem it deserves, and nothing is written.
+
+These use Flask's test client against the real Postgres (and the real RabbitMQ for the one valid
+submission).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from support import count_rows
+
+from api_service.app import create_app
+from api_service.context import EXTENSION, Services
+from shared.settings import Settings
+
+PROBLEM = "application/problem+json"
+TABLES = ("jobs", "outbox", "idempotency_keys")
+
+
+@pytest.fixture(scope="module")
+def app(settings: Settings, database: str, rabbitmq: str) -> Iterator[Flask]:
+    app = create_app(settings)
+    yield app
+    services_of(app).publisher.close()
+
+
+def services_of(app: Flask) -> Services:
+    svc: Services = app.extensions[EXTENSION]
+    return svc
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def unchanged_database(dsn: str) -> Iterator[None]:
+    """Assert the test leaves jobs, outbox and idempotency keys exactly as it found them."""
+    before = {t: count_rows(dsn, t) for t in TABLES}
+    yield
+    assert {t: count_rows(dsn, t) for t in TABLES} == before
+
+
+def problem(response: Any, status: int, slug: str) -> dict[str, Any]:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == PROBLEM
+    body: dict[str, Any] = response.get_json(force=True)
+    assert body["type"] == f"/problems/{slug}"
+    assert body["status"] == status
+    assert body["title"]
+    assert body["detail"]
+    return body
+
+
+def post(client: FlaskClient, body: Any, **kwargs: Any) -> Any:
+    return client.post("/v1/jobs", data=json.dumps(body), content_type="application/json", **kwargs)
+
+
+@pytest.mark.usefixtures("unchanged_database")
+class TestRejectedSubmissions:
+    def test_unknown_type_is_422_pointing_at_type(self, client: FlaskClient) -> None:
+        body = problem(post(client, {"type": "nope"}), 422, "validation-error")
+        assert body["errors"] == [
+            {"pointer": "/type", "detail": "Unknown job type 'nope'. Known types: demo.sleep, noop."}
+        ]
+
+    def test_payload_failing_its_schema_is_422_with_nested_pointers(self, client: FlaskClient) -> None:
+        response = post(client, {"type": "demo.sleep", "payload": {"seconds": "long", "extra": 1}})
+        pointers = {e["pointer"] for e in problem(response, 422, "validation-error")["errors"]}
+        assert pointers == {"/payload/seconds", "/payload/extra"}
+
+    def test_unknown_field_is_422(self, client: FlaskClient) -> None:
+        body = problem(post(client, {"type": "noop", "colour": "red"}), 422, "validation-error")
+        assert body["errors"] == [{"pointer": "/colour", "detail": "Unknown field."}]
+
+    def test_missing_type_is_422(self, client: FlaskClient) -> None:
+        body = problem(post(client, {"payload": {}}), 422, "validation-error")
+        assert [e["pointer"] for e in body["errors"]] == ["/type"]
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("priority", 10),
+            ("priority", -1),
+            ("max_attempts", 0),
+            ("timeout_seconds", 0),
+            ("delay_seconds", -5),
+        ],
+    )
+    def test_out_of_range_options_are_422(self, client: FlaskClient, field: str, value: int) -> None:
+        body = problem(post(client, {"type": "noop", field: value}), 422, "validation-error")
+        assert [e["pointer"] for e in body["errors"]] == [f"/{field}"]
+
+    def test_delay_and_run_at_together_are_422(self, client: FlaskClient) -> None:
+        response = post(client, {"type": "noop", "delay_seconds": 5, "run_at": "2030-01-01T00:00:00Z"})
+        assert problem(response, 422, "validation-error")["errors"][0]["pointer"] == "/delay_seconds"
+
+    def test_naive_run_at_is_422(self, client: FlaskClient) -> None:
+        response = post(client, {"type": "noop", "run_at": "2030-01-01T00:00:00"})
+        assert problem(response, 422, "validation-error")["errors"][0]["pointer"] == "/run_at"
+
+    def test_non_string_label_is_422(self, client: FlaskClient) -> None:
+        body = problem(post(client, {"type": "noop", "labels": {"team": 7}}), 422, "validation-error")
+        assert body["errors"][0]["pointer"].startswith("/labels")
+
+    def test_non_object_body_is_422(self, client: FlaskClient) -> None:
+        problem(post(client, ["noop"]), 422, "validation-error")
+
+    def test_malformed_json_is_400(self, client: FlaskClient) -> None:
+        response = client.post("/v1/jobs", data='{"type": "noop",', content_type="application/json")
+        problem(response, 400, "malformed-json")
+
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+    def test_non_json_content_type_is_415(self, client: FlaskClient, content_type: str | None) -> None:
+        response = client.post("/v1/jobs", data='{"type": "noop"}', content_type=content_type)
+        problem(response, 415, "unsupported-media-type")
+
+    def test_body_over_the_limit_is_413(self, client: FlaskClient, settings: Settings) -> None:
+        padding = "x" * settings.max_body_bytes
+        response = post(client, {"type": "noop", "labels": {"pad": padding}})
+        problem(response, 413, "payload-too-large")
+
+    @pytest.mark.parametrize(
+        "key",
+        ["", "a" * 256, "has space", "comma,separated", 'quote"inside', "caf\u00e9", '""'],
+        ids=["empty", "too-long", "space", "comma", "quote", "non-ascii", "empty-quoted"],
+    )
+    def test_malformed_idempotency_key_is_400(self, client: FlaskClient, key: str) -> None:
+        response = post(client, {"type": "noop"}, headers={"Idempotency-Key": key})
+        problem(response, 400, "idempotency-key-invalid")
+
+    def test_idempotency_key_sent_twice_is_400(self, client: FlaskClient) -> None:
+        response = post(
+            client, {"type": "noop"}, headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+        )
+        problem(response, 400, "idempotency-key-invalid")
+
+
+def test_longest_allowed_idempotency_key_is_accepted(client: FlaskClient) -> None:
+    response = post(client, {"type": "noop"}, headers={"Idempotency-Key": "k" * 255})
+    assert response.status_code == 202, response.get_data(as_text=True)
+
+
+def test_unknown_job_is_404(client: FlaskClient) -> None:
+    problem(client.get("/v1/jobs/6a1f0f5e-0000-4000-8000-000000000000"), 404, "job-not-found")
+
+
+def test_unknown_route_is_a_plain_problem(client: FlaskClient) -> None:
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.mimetype == PROBLEM
+    assert response.get_json()["type"] == "about:blank"
+
+
+def test_wrong_method_is_405_problem(client: FlaskClient) -> None:
+    response = client.delete("/v1/jobs")
+    assert response.status_code == 405
+    assert response.mimetype == PROBLEM
+    assert "Allow" in response.headers
+
+
+def test_every_problem_type_resolves(client: FlaskClient) -> None:
+    response = client.get("/problems/validation-error")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == 422
+    assert client.get("/problems/no-such-problem").status_code == 404
+
+
+@pytest.mark.usefixtures("unchanged_database")
+def test_list_rejects_unknown_and_invalid_parameters(client: FlaskClient) -> None:
+    body = problem(client.get("/v1/jobs?stauts=failed&limit=0&cursor=zzz"), 422, "validation-error")
+    assert {e["parameter"] for e in body["errors"]} == {"stauts", "limit", "cursor"}
+
+
+def test_openapi_document_and_docs_are_served(client: FlaskClient) -> None:
+    spec = client.get("/openapi.json").get_json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/healthz", "/readyz"} <= set(spec["paths"])
+    assert spec["paths"]["/v1/jobs"]["post"]["responses"]["202"]
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.fixture
+def app_without_postgres(settings: Settings) -> Flask:
+    dead = dataclasses.replace(
+        settings, database_url="postgresql://postgres@127.0.0.1:1/conveyor_test", db_connect_timeout_seconds=1
+    )
+    return create_app(dead)
+
+
+@pytest.mark.usefixtures("unchanged_database")
+def test_postgres_down_answers_503_with_retry_after(app_without_postgres: Flask) -> None:
+    client = app_without_postgres.test_client()
+    response = post(client, {"type": "noop"}, headers={"Idempotency-Key": "pg-down"})
+    problem(response, 503, "service-unavailable")
+    assert response.headers["Retry-After"] == "5"
+    assert "postgresql://" not in response.get_data(as_text=True)
+    problem(client.get("/v1/jobs/6a1f0f5e-0000-4000-8000-000000000000"), 503, "service-unavailable")
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"]["rabbitmq"] == "ok"
+    assert ready.get_json()["checks"]["postgres"] != "ok"

@@ -1,0 +1,215 @@
+"""The Postgres store against the real database: state machine, claims, fences, leases, outbox, keys."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+from support import pg
+
+from shared.errors import IllegalTransition
+from shared.jobs import TRANSITIONS, JobError, JobStatus, NewJob, transition_rows
+from shared.settings import Settings
+from shared.store import Database
+from shared.store import idempotency as key_store
+from shared.store import jobs as job_store
+from shared.store import outbox as outbox_store
+from shared.store.migrate import migrate
+
+ERROR = JobError("Boom", "It broke", "details", 1)
+
+
+@pytest.fixture(scope="module")
+def db(settings: Settings, database: str) -> Iterator[Database]:
+    db = Database(settings)
+    yield db
+    db.close()
+
+
+def new_job(**overrides: object) -> NewJob:
+    fields: dict[str, object] = {
+        "type": "noop", "queue": "default", "payload": {}, "priority": 5, "max_attempts": 2,
+        "timeout_seconds": 60, "run_at": None, "delay_seconds": 0.0, "labels": {},
+    }  # fmt: skip
+    fields.update(overrides)
+    return NewJob(**fields)  # type: ignore[arg-type]
+
+
+def insert(db: Database, **overrides: object) -> uuid.UUID:
+    job_id = uuid.uuid4()
+    db.run(lambda cur: job_store.insert_job(cur, job_id, new_job(**overrides), outbox_grace_seconds=0))
+    return job_id
+
+
+def claim(db: Database, job_id: uuid.UUID, lease: float = 30) -> job_store.ClaimResult:
+    return db.execute(lambda cur: job_store.claim_job(cur, job_id, lease))
+
+
+def status_of(dsn: str, job_id: uuid.UUID) -> str:
+    with pg(dsn) as cur:
+        cur.execute("SELECT status FROM jobs WHERE id = %s", (str(job_id),))
+        row = cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+def test_migrate_twice_is_a_no_op(settings: Settings, database: str) -> None:
+    assert migrate(settings) == []
+
+
+def test_transition_table_mirrors_the_code(dsn: str, database: str) -> None:
+    with pg(dsn) as cur:
+        cur.execute("SELECT from_status, to_status FROM job_status_transitions ORDER BY 1, 2")
+        assert cur.fetchall() == list(transition_rows())
+
+
+@pytest.mark.parametrize(
+    ("start", "target"),
+    [(s, t) for s in JobStatus for t in JobStatus if s != t and (s, t) not in TRANSITIONS],
+)
+def test_database_rejects_every_illegal_transition(
+    db: Database, dsn: str, start: JobStatus, target: JobStatus
+) -> None:
+    job_id = insert(db)
+    with pg(dsn) as cur:  # put the row in `start` behind the trigger's back
+        cur.execute("ALTER TABLE jobs DISABLE TRIGGER jobs_status_transition")
+        try:
+            cur.execute("UPDATE jobs SET status = %s WHERE id = %s", (start.value, str(job_id)))
+        finally:
+            cur.execute("ALTER TABLE jobs ENABLE TRIGGER jobs_status_transition")
+    with pytest.raises(IllegalTransition, match=f"{start.value} -> {target.value}"):
+        db.execute(
+            lambda cur: cur.execute("UPDATE jobs SET status = %s WHERE id = %s", (target.value, job_id))
+        )
+    assert status_of(dsn, job_id) == start.value
+
+
+def test_a_job_cannot_be_inserted_already_finished(dsn: str, database: str) -> None:
+    with pg(dsn) as cur, pytest.raises(psycopg2.errors.CheckViolation, match="illegal job status transition"):
+        cur.execute(
+            "INSERT INTO jobs (id, type, queue, status, payload, priority, max_attempts, timeout_seconds,"
+            " run_at) VALUES (gen_random_uuid(), 'noop', 'q', 'succeeded', '{}', 1, 1, 1, now())"
+        )
+
+
+def test_claim_is_compare_and_set(db: Database) -> None:
+    job_id = insert(db)
+    first = claim(db, job_id)
+    assert isinstance(first, job_store.Claimed)
+    assert first.job.attempts == 1
+    assert first.job.status is JobStatus.RUNNING
+    second = claim(db, job_id)
+    assert second == job_store.NotClaimable(JobStatus.RUNNING, due_later=False)
+
+
+def test_claim_refuses_a_job_that_is_not_due(db: Database) -> None:
+    job_id = insert(db, delay_seconds=60.0)
+    assert claim(db, job_id) == job_store.NotClaimable(JobStatus.QUEUED, due_later=True)
+
+
+def test_claim_of_unknown_job_reports_missing(db: Database) -> None:
+    assert isinstance(claim(db, uuid.uuid4()), job_store.Missing)
+
+
+def test_finished_job_is_never_claimed_again(db: Database) -> None:
+    job_id = insert(db)
+    claimed = claim(db, job_id)
+    assert isinstance(claimed, job_store.Claimed)
+    assert db.execute(lambda cur: job_store.record_success(cur, claimed.job, {"ok": True}))
+    assert claim(db, job_id) == job_store.NotClaimable(JobStatus.SUCCEEDED, due_later=False)
+
+
+def test_outcome_of_a_taken_over_attempt_is_discarded(db: Database, dsn: str) -> None:
+    job_id = insert(db, max_attempts=3)
+    stale = claim(db, job_id)
+    assert isinstance(stale, job_store.Claimed)
+    with pg(dsn) as cur:  # the lease lapses and the relay re-queues the job
+        cur.execute(
+            "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (str(job_id),)
+        )
+    recovered = db.execute(
+        lambda cur: job_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0)
+    )
+    assert job_id in {j.id for j in recovered}
+    fresh = claim(db, job_id)
+    assert isinstance(fresh, job_store.Claimed)
+    assert fresh.job.attempts == 2
+    assert not db.execute(lambda cur: job_store.record_success(cur, stale.job, "stale"))
+    assert db.execute(lambda cur: job_store.record_success(cur, fresh.job, "fresh"))
+    job = db.execute(lambda cur: job_store.get_job(cur, job_id))
+    assert job is not None
+    assert (job.status, job.result, job.attempts) == (JobStatus.SUCCEEDED, "fresh", 2)
+
+
+def test_lapsed_lease_fails_the_job_when_attempts_are_used_up(db: Database, dsn: str) -> None:
+    job_id = insert(db, max_attempts=1)
+    assert isinstance(claim(db, job_id, lease=0.01), job_store.Claimed)
+    time.sleep(0.05)
+    db.execute(lambda cur: job_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0))
+    job = db.execute(lambda cur: job_store.get_job(cur, job_id))
+    assert job is not None
+    assert job.status is JobStatus.FAILED
+    assert job.error is not None
+    assert job.error["type"] == "WorkerLost"
+
+
+def test_renewed_lease_keeps_the_job_running(db: Database) -> None:
+    job_id = insert(db)
+    claimed = claim(db, job_id, lease=0.5)
+    assert isinstance(claimed, job_store.Claimed)
+    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 1)], 30)) == 1
+    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 2)], 30)) == 0  # wrong attempt
+    time.sleep(0.6)
+    recovered = db.execute(
+        lambda cur: job_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0)
+    )
+    assert job_id not in {j.id for j in recovered}
+
+
+def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> None:
+    job_id = insert(db)
+    claimed = claim(db, job_id)
+    assert isinstance(claimed, job_store.Claimed)
+    with pg(dsn) as cur:
+        cur.execute("DELETE FROM outbox WHERE job_id = %s", (str(job_id),))
+    assert db.execute(lambda cur: job_store.record_retry(cur, claimed.job, ERROR, 30.0))
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT j.status, j.error->>'type', o.available_at - now() > interval '25 seconds' "
+            "FROM jobs j JOIN outbox o ON o.job_id = j.id WHERE j.id = %s",
+            (str(job_id),),
+        )
+        assert cur.fetchall() == [("retrying", "Boom", True)]
+    assert claim(db, job_id) == job_store.NotClaimable(JobStatus.RETRYING, due_later=True)
+
+
+def test_outbox_leaves_fresh_rows_to_their_writer_then_takes_them(db: Database) -> None:
+    job_id = uuid.uuid4()
+    db.run(lambda cur: job_store.insert_job(cur, job_id, new_job(), outbox_grace_seconds=0.5))
+    taken = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
+    assert job_id not in {d.job_id for d in taken}
+    time.sleep(0.6)
+    taken = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
+    assert job_id in {d.job_id for d in taken}
+    again = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
+    assert job_id not in {d.job_id for d in again}, "a leased row must not be handed out twice"
+
+
+def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> None:
+    live, expired = f"live-{uuid.uuid4()}", f"expired-{uuid.uuid4()}"
+    for key in (live, expired):
+        record = job_store.IdempotencyRecord(key, "fp", 3600, 202)
+        db.run(lambda cur, r=record: job_store.insert_job(  # type: ignore[misc]
+            cur, uuid.uuid4(), new_job(), outbox_grace_seconds=0, idempotency=r))  # fmt: skip
+    with pg(dsn) as cur:
+        cur.execute(
+            "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s", (expired,)
+        )
+    while db.execute(lambda cur: key_store.purge_expired(cur, 1000)):
+        pass
+    with pg(dsn) as cur:
+        cur.execute("SELECT key FROM idempotency_keys WHERE key IN (%s, %s)", (live, expired))
+        assert cur.fetchall() == [(live,)]
