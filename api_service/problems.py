@@ -37,7 +37,12 @@ class ProblemType:
 
 
 def _catalog(*types: ProblemType) -> dict[str, ProblemType]:
-    return {t.slug: t for t in types}
+    catalog: dict[str, ProblemType] = {}
+    for problem_type in types:
+        if problem_type.slug in catalog:
+            raise ValueError(f"problem type {problem_type.slug!r} is defined twice")
+        catalog[problem_type.slug] = problem_type
+    return catalog
 
 
 CATALOG = _catalog(
@@ -136,6 +141,9 @@ def from_conveyor_error(exc: errors.ConveyorError) -> Problem:
                        headers={"Retry-After": str(RETRY_AFTER_IN_FLIGHT)})  # fmt: skip
     if isinstance(exc, errors.IdempotencyKeyReused):
         return Problem("idempotency-key-reused", str(exc))
+    if isinstance(exc, errors.UnknownJobType):
+        return Problem("validation-error", "The request is invalid; see `errors`.",
+                       errors=[{"pointer": "/type", "detail": f"Unknown job type {exc}."}])  # fmt: skip
     if isinstance(exc, errors.IllegalTransition):
         return Problem("illegal-transition", str(exc))
     logger.error("unmapped Conveyor error", exc_info=exc)

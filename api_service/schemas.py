@@ -19,7 +19,7 @@ from shared.jobs import JobStatus, NewJob
 MAX_DELAY_SECONDS = 365 * 86_400
 MAX_LABELS = 32
 LABEL_KEY = validate.Regexp(
-    r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$",
+    r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z",
     error="Label keys are 1-63 characters: letters, digits, '.', '_', '/', '-', starting alphanumeric.",
 )
 LABEL_VALUE = validate.Length(max=256)
@@ -43,6 +43,7 @@ class JobCreateSchema(StrictSchema):
                   "example": {"seconds": 2}},
     )  # fmt: skip
     priority = fields.Integer(
+        strict=True,
         validate=validate.Range(*PRIORITY_RANGE),
         metadata={"description": "0-9, higher runs first. Defaults to the type's priority."},
     )
@@ -54,10 +55,12 @@ class JobCreateSchema(StrictSchema):
         metadata={"description": "Run no earlier than this time (with a timezone). Excludes `delay_seconds`."}
     )
     max_attempts = fields.Integer(
+        strict=True,
         validate=validate.Range(*MAX_ATTEMPTS_RANGE),
         metadata={"description": "Attempts in all, the first included. Defaults to the type's."},
     )
     timeout_seconds = fields.Integer(
+        strict=True,
         validate=validate.Range(*TIMEOUT_SECONDS_RANGE),
         metadata={"description": "Longest one attempt may run. Defaults to the type's."},
     )
@@ -109,7 +112,7 @@ class JobErrorSchema(StrictSchema):
     type = fields.String(required=True, metadata={"description": "Error class, e.g. `WorkerLost`."})
     title = fields.String(required=True)
     detail = fields.String(required=True)
-    attempt = fields.Integer(required=True, metadata={"description": "The attempt that failed."})
+    attempt = fields.Integer(strict=True, required=True, metadata={"description": "The attempt that failed."})
 
 
 class JobProgressSchema(StrictSchema):
@@ -123,10 +126,12 @@ class JobSchema(StrictSchema):
     queue = fields.String(required=True)
     status = fields.Enum(JobStatus, by_value=True, required=True)
     payload = fields.Dict(required=True)
-    priority = fields.Integer(required=True)
-    attempts = fields.Integer(required=True, metadata={"description": "Attempts started so far."})
-    max_attempts = fields.Integer(required=True)
-    timeout_seconds = fields.Integer(required=True)
+    priority = fields.Integer(strict=True, required=True)
+    attempts = fields.Integer(
+        strict=True, required=True, metadata={"description": "Attempts started so far."}
+    )
+    max_attempts = fields.Integer(strict=True, required=True)
+    timeout_seconds = fields.Integer(strict=True, required=True)
     run_at = fields.AwareDateTime(
         required=True, metadata={"description": "When the next (or current) attempt may start."}
     )
@@ -163,7 +168,12 @@ class Cursor(fields.Field[tuple[datetime, uuid.UUID]]):
         try:
             padded = str(value) + "=" * (-len(str(value)) % 4)
             created_at, job_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-            return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+            if not isinstance(created_at, str) or not isinstance(job_id, str):
+                raise ValueError("cursor fields must be strings")
+            position = datetime.fromisoformat(created_at), uuid.UUID(job_id)
+            if position[0].tzinfo is None:
+                raise ValueError("cursor time must carry a timezone")
+            return position
         except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
             raise ma.ValidationError("Not a cursor returned by this API.") from None
 

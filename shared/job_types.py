@@ -95,6 +95,7 @@ REGISTRY: dict[str, JobType] = _registry(
                 metadata={"description": "How long each attempt sleeps."},
             ),
             "fail_attempts": fields.Integer(
+                strict=True,
                 load_default=0,
                 validate=validate.Range(0, 100),
                 metadata={"description": "How many attempts fail before one succeeds."},

@@ -8,6 +8,7 @@ work against the local services of a development machine (Postgres and RabbitMQ 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import urllib.parse
@@ -175,6 +176,8 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
             value = kind(raw)
     except ValueError:
         raise SettingsError(f"{env} must be a {kind.__name__}, got {raw!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise SettingsError(f"{env} must be a finite number, got {raw!r}")
     minimum = f.metadata["minimum"]
     if minimum is not None and value < minimum:
         raise SettingsError(f"{env} must be at least {minimum}, got {raw!r}")
@@ -182,11 +185,18 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
 
 
 def _redact(url: str) -> str:
+    """The URL with any password (in the authority or a ``password=`` parameter) replaced by ***."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "&".join(
+        f"{name}=***" if name.lower() == "password" else pair
+        for pair in parts.query.split("&")
+        if pair
+        for name in [pair.split("=", 1)[0]]
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @lru_cache(maxsize=1)
