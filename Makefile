@@ -21,6 +21,9 @@ install: $(BIN)/.installed ## Create the virtualenv (if missing) and install Con
 migrate: install ## Create the database if needed and apply migrations
 	$(BIN)/conveyor migrate
 
+# Local development runs without API keys unless CONVEYOR_AUTH is already set (CONVEYOR_AUTH=keys make run).
+run api: export CONVEYOR_AUTH ?= none
+
 run: migrate ## Install, migrate, then run API + worker + relay in the foreground (Ctrl-C stops all)
 	$(BIN)/conveyor run
 

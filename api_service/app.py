@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
-from api_service import health, jobs, problems
-from api_service.context import EXTENSION, Services
+from api_service import auth, health, jobs, problems
+from api_service.context import EXTENSION, Services, services
+from api_service.problems import Problem
 from shared.broker import Publisher, create_broker
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -20,7 +22,19 @@ logger = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
 #: OpenAPI 3.0.3 rather than 3.1: every mainstream client generator reads it.
 OPENAPI_VERSION = "3.0.3"
+DOCS_PATH = "/docs"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+#: JSON responses are data, never a page: nothing may load, frame or sniff them.
+_API_CSP = "default-src 'none'; frame-ancestors 'none'"
+#: The Swagger UI page loads its script and styles from jsDelivr and calls this API.
+_DOCS_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'unsafe-inline' https://cdn.jsdelivr.net; img-src data: https://cdn.jsdelivr.net; "
+    "connect-src 'self'; frame-ancestors 'none'"
+)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class ConveyorApi(Api):  # type: ignore[misc]
@@ -41,13 +55,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_VERSION=OPENAPI_VERSION,
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_PATH=DOCS_PATH.lstrip("/") if settings.api_docs else None,
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
         API_SPEC_OPTIONS={
             "info": {
                 "description": "Submit background jobs over HTTP, then follow them to the end. "
                 "Errors are RFC 9457 problem details (`application/problem+json`)."
-            }
+            },
+            "security": [{"bearerAuth": []}],
         },
     )
     app.extensions[EXTENSION] = Services(
@@ -56,19 +71,57 @@ def create_app(settings: Settings | None = None) -> Flask:
         publisher=Publisher(create_broker(settings), settings.queue_prefix, settings.publish_backoff_seconds),
     )
     api = ConveyorApi(app)
+    api.spec.components.security_scheme("bearerAuth", auth.SECURITY_SCHEME)
     api.register_blueprint(jobs.blp)
     api.register_blueprint(health.blp)
     problems.register(app)
-    app.before_request(_require_json_bodies)
+    app.before_request(_check_request_body)
+    app.before_request(auth.authenticate_request)
+    app.after_request(_security_headers)
+    with app.app_context():
+        auth.warn_if_unauthenticated()
     return app
 
 
-def _require_json_bodies() -> None:
-    """415 for a request body that is not JSON (before any parsing happens)."""
+def _check_request_body() -> None:
+    """415 for a body that is not JSON, 400 for JSON nested too deeply (before any parsing)."""
     if request.method not in _BODY_METHODS:
         return
     has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
-    if has_body and not request.is_json:
+    if not has_body:
+        return
+    if not request.is_json:
         raise UnsupportedMediaType(
             f"Send the request body as application/json, not {request.mimetype or 'an untyped body'}."
         )
+    limit = services().settings.max_json_depth
+    if json_depth(request.get_data(cache=True)) > limit:
+        raise Problem(
+            "json-too-deep", f"The request body nests arrays and objects deeper than {limit} levels."
+        )
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest array/object nesting in a JSON text, without parsing it (so without recursion)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", body)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _security_headers(response: Response) -> Response:
+    headers = response.headers
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "no-referrer")
+    headers.setdefault("Cache-Control", "no-store")
+    headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
+    headers.setdefault("Content-Security-Policy", _DOCS_CSP if request.path == DOCS_PATH else _API_CSP)
+    hsts = services().settings.hsts_seconds
+    if hsts:
+        headers.setdefault("Strict-Transport-Security", f"max-age={hsts}; includeSubDomains")
+    return response

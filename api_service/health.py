@@ -17,6 +17,7 @@ blp = Blueprint("health", __name__, description="Probes for load balancers and K
 
 
 @blp.route("/healthz")
+@blp.doc(security=[])
 @blp.response(200, description="The process is alive.")
 def healthz() -> dict[str, Any]:
     """Liveness
@@ -27,6 +28,7 @@ def healthz() -> dict[str, Any]:
 
 
 @blp.route("/readyz")
+@blp.doc(security=[])
 @blp.response(200, description="Postgres and RabbitMQ are reachable.")
 @documents_problems(503)
 def readyz() -> dict[str, Any]:
@@ -54,6 +56,7 @@ def readyz() -> dict[str, Any]:
 
 
 @blp.route("/problems/<slug>")
+@blp.doc(security=[])
 @blp.response(200, description="What a problem type means.")
 @documents_problems(404)
 def problem_type(slug: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import UTC, datetime
@@ -11,12 +12,16 @@ from flask import Response, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from api_service.auth import REALM, current_limits, current_principal, requires
 from api_service.context import services
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api_service.idempotency import REPLAYED_HEADER, fingerprint, parse_key
 from api_service.openapi_docs import documents_problems
+from api_service.problems import Problem
+from api_service.rate_limit import rate_limit_headers
 from api_service.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema, encode_cursor
-from api_service.submission import submit_job
+from api_service.submission import IdempotentRequest, submit_job
+from shared.api_keys import Scope
 from shared.errors import JobNotFound
 from shared.jobs import Job, JobStatus, NewJob
 from shared.store import jobs as job_store
@@ -40,6 +45,7 @@ IDEMPOTENCY_KEY_PARAMETER = {
 
 @blp.route("")
 class Jobs(MethodView):
+    @requires(Scope.JOBS_WRITE)
     @blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
     @blp.arguments(JobCreateSchema)
     @blp.response(
@@ -55,7 +61,7 @@ class Jobs(MethodView):
             },
         },
     )
-    @documents_problems(400, 409, 413, 415, 422, 503)
+    @documents_problems(400, 401, 403, 409, 413, 415, 422, 429, 503)
     def post(self, new_job: NewJob) -> tuple[Job, int, dict[str, str]]:
         """Submit a job
 
@@ -63,19 +69,26 @@ class Jobs(MethodView):
         `Idempotency-Key`, retries of the same request return the original job.
         """
         key = parse_key(request.headers.getlist(IDEMPOTENCY_HEADER))
-        body_fingerprint = fingerprint(request.method, request.path, request.get_json()) if key else None
         svc = services()
+        _check_payload_size(new_job, svc.settings.max_payload_bytes)
+        idempotent = None
+        if key is not None:
+            idempotent = IdempotentRequest(key, fingerprint(request.method, request.path, request.get_json()))
+        principal, limits = current_principal(), current_limits()
         submission = submit_job(
-            svc.db, svc.publisher, svc.settings, new_job, key=key, fingerprint=body_fingerprint
+            svc.db, svc.publisher, svc.settings, principal.tenant, limits, new_job, idempotent
         )
         headers = {"Location": url_for("jobs.get_job", job_id=submission.job.id)}
         if submission.replayed:
             headers[REPLAYED_HEADER] = "true"
+        if submission.rate is not None:
+            headers.update(rate_limit_headers(submission.rate, limits))
         return submission.job, submission.status_code, headers
 
+    @requires(Scope.JOBS_READ)
     @blp.arguments(JobListQuerySchema, location="query", unknown="raise")
     @blp.response(200, JobPageSchema)
-    @documents_problems(422, 503)
+    @documents_problems(401, 403, 422, 503)
     def get(self, query: dict[str, Any]) -> Response | dict[str, Any]:
         """List jobs
 
@@ -85,6 +98,7 @@ class Jobs(MethodView):
         limit = query["limit"]
         labels = dict(item.split(":", 1) for item in query.get("label", []))
         filters = job_store.JobFilter(
+            tenant=_listing_tenant(query.get("tenant")),
             statuses=query.get("status", []),
             types=query.get("type", []),
             labels=labels or None,
@@ -101,6 +115,7 @@ class Jobs(MethodView):
 
 @blp.route("/<uuid:job_id>", endpoint="get_job")
 class JobById(MethodView):
+    @requires(Scope.JOBS_READ)
     @blp.response(
         200,
         JobSchema,
@@ -111,18 +126,50 @@ class JobById(MethodView):
             }
         },
     )
-    @documents_problems(404, 503)
+    @documents_problems(401, 403, 404, 503)
     def get(self, job_id: uuid.UUID) -> Job | tuple[Job, int, dict[str, str]]:
         """Get a job
 
-        The job's status, attempts, progress, and once finished its result or error.
+        The job's status, attempts, progress, and once finished its result or error. Another
+        tenant's job is reported as not found.
         """
-        job = services().db.run(lambda cur: job_store.get_job(cur, job_id), transaction=False)
+        principal = current_principal()
+        tenant = None if principal.is_admin else principal.tenant
+        job = services().db.run(lambda cur: job_store.get_job(cur, job_id, tenant), transaction=False)
         if job is None:
             raise JobNotFound(f"No job has the id {job_id}.")
         if job.is_finished:
             return job
         return job, 200, {"Retry-After": str(poll_hint_seconds(job))}
+
+
+def _listing_tenant(requested: str | None) -> str | None:
+    """Whose jobs a listing shows: the caller's own; an admin sees every tenant's, or the one asked for."""
+    principal = current_principal()
+    if principal.is_admin:
+        return requested
+    if requested is not None and requested != principal.tenant:
+        raise Problem(
+            "forbidden",
+            "Only an admin key may list another tenant's jobs.",
+            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="admin"'},
+        )
+    return principal.tenant
+
+
+def _check_payload_size(new_job: NewJob, limit: int) -> None:
+    size = len(json.dumps(new_job.payload, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limit:
+        raise Problem(
+            "validation-error",
+            "The request is invalid; see `errors`.",
+            errors=[
+                {
+                    "pointer": "/payload",
+                    "detail": f"The payload is {size} bytes; at most {limit} are allowed.",
+                }
+            ],
+        )
 
 
 def poll_hint_seconds(job: Job, now: datetime | None = None) -> int:

@@ -31,7 +31,10 @@ class ProblemSchema(ma.Schema):
 
 
 _DESCRIPTIONS = {
-    400: "Malformed JSON or an invalid Idempotency-Key.",
+    400: "Malformed or too deeply nested JSON, or an invalid Idempotency-Key.",
+    401: "No API key, or an unknown, revoked or malformed one (see `WWW-Authenticate`).",
+    403: "The API key lacks the scope this operation needs.",
+    429: "A tenant limit (submission rate or active jobs) was reached; see `Retry-After` and `RateLimit`.",
     404: "No such job.",
     409: "A request with the same Idempotency-Key is still in progress (see `Retry-After`).",
     413: "Request body too large.",
@@ -55,7 +58,7 @@ def documents_problems(*statuses: int) -> Callable[[F], F]:
                 schema=ProblemSchema,
                 content_type=MEDIA_TYPE,
                 description=_DESCRIPTIONS[status],
-                headers=_RETRY_AFTER if status in (409, 503) else None,
+                headers=_RETRY_AFTER if status in (409, 429, 503) else None,
             )(view)
         return view
 

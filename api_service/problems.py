@@ -14,9 +14,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, json
+from flask import Flask, Response, g, json
 from werkzeug.exceptions import HTTPException
 
+from api_service.rate_limit import rate_limit_headers
 from shared import errors
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,22 @@ CATALOG = _catalog(
                 "The request is well-formed JSON but a field is missing, unknown or invalid. `errors` "
                 "lists each problem with a JSON pointer into the body or the name of the query parameter."),
     ProblemType("malformed-json", "Malformed JSON", 400, "The request body is not valid JSON."),
+    ProblemType("json-too-deep", "JSON nested too deeply", 400,
+                "The request body nests arrays and objects deeper than the server accepts "
+                "(`CONVEYOR_MAX_JSON_DEPTH`)."),
+    ProblemType("unauthorized", "Authentication required", 401,
+                "Send a valid API key as `Authorization: Bearer <key>`. Keys are created with "
+                "`conveyor keys create`; a revoked key stops working at once."),
+    ProblemType("forbidden", "Scope missing", 403,
+                "The API key is valid but lacks the scope this operation needs (`jobs:read`, "
+                "`jobs:write` or `admin`)."),
+    ProblemType("rate-limited", "Submission rate exceeded", 429,
+                "The tenant submits jobs faster than its rate allows. Wait `Retry-After` seconds; the "
+                "`RateLimit` headers show the quota. Nothing was stored, so retrying with the same "
+                "Idempotency-Key is safe."),
+    ProblemType("too-many-active-jobs", "Too many active jobs", 429,
+                "The tenant already has as many jobs waiting or running as it may. Retry once some have "
+                "finished. Nothing was stored."),
     ProblemType("unsupported-media-type", "Unsupported media type", 415,
                 "Request bodies must be sent as `Content-Type: application/json`."),
     ProblemType("payload-too-large", "Request body too large", 413,
@@ -144,6 +161,13 @@ def from_conveyor_error(exc: errors.ConveyorError) -> Problem:
     if isinstance(exc, errors.UnknownJobType):
         return Problem("validation-error", "The request is invalid; see `errors`.",
                        errors=[{"pointer": "/type", "detail": f"Unknown job type {exc}."}])  # fmt: skip
+    if isinstance(exc, errors.RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
+        if exc.rate is not None and "tenant_limits" in g:
+            headers.update(rate_limit_headers(exc.rate, g.tenant_limits))
+        return Problem("rate-limited", str(exc), headers=headers)
+    if isinstance(exc, errors.TooManyActiveJobs):
+        return Problem("too-many-active-jobs", str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, errors.IllegalTransition):
         return Problem("illegal-transition", str(exc))
     logger.error("unmapped Conveyor error", exc_info=exc)

@@ -12,6 +12,7 @@ from typing import Any
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from shared.api_keys import TENANT_NAME
 from shared.job_types import MAX_ATTEMPTS_RANGE, PRIORITY_RANGE, REGISTRY, TIMEOUT_SECONDS_RANGE
 from shared.jobs import JobStatus, NewJob
 
@@ -122,6 +123,7 @@ class JobProgressSchema(StrictSchema):
 
 class JobSchema(StrictSchema):
     id = fields.UUID(required=True)
+    tenant = fields.String(required=True, metadata={"description": "The tenant that submitted the job."})
     type = fields.String(required=True)
     queue = fields.String(required=True)
     status = fields.Enum(JobStatus, by_value=True, required=True)
@@ -194,6 +196,10 @@ class JobListQuerySchema(StrictSchema):
     )
     created_after = fields.AwareDateTime(metadata={"description": "Created at or after this time."})
     created_before = fields.AwareDateTime(metadata={"description": "Created before this time."})
+    tenant = fields.String(
+        validate=validate.Regexp(TENANT_NAME.pattern + r"\Z"),
+        metadata={"description": "Admin keys only: list this tenant's jobs (default: every tenant's)."},
+    )
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 200))
     cursor = Cursor(metadata={"description": "`next_cursor` of the previous page."})
 

@@ -3,6 +3,12 @@ is published only after COMMIT.
 
 If the publish fails (RabbitMQ down) or the process dies right after COMMIT, the outbox row stays and
 the relay publishes it, so a 202 always means the job will run.
+
+Order of checks, so that no limit ever turns into a stored response:
+1. a retried request whose key is already stored is answered from the store (no token, no cap check);
+2. the tenant's rate bucket gives a token, or the request gets 429 ``rate-limited``;
+3. in one transaction: the key's lock (409 if another request holds it), a last look for a stored
+   response, then the insert, which refuses (429 ``too-many-active-jobs``) if the tenant is at its cap.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 from shared.broker import Publisher
-from shared.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, StoreUnavailable
+from shared.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, RateLimited, StoreUnavailable
 from shared.jobs import Job, NewJob
 from shared.messages import Dispatch
 from shared.settings import Settings
@@ -20,7 +26,9 @@ from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
+from shared.store import tenants as tenant_store
 from shared.store.db import Cursor
+from shared.store.tenants import RateDecision, TenantLimits
 
 logger = logging.getLogger(__name__)
 
@@ -33,44 +41,78 @@ class Submission:
     job: Job
     status_code: int
     replayed: bool
+    #: The rate decision that let the request through (None for a replay, which costs no token).
+    rate: RateDecision | None = None
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    key: str
+    fingerprint: str
 
 
 def submit_job(
     db: Database,
     publisher: Publisher,
     settings: Settings,
+    tenant: str,
+    limits: TenantLimits,
     new: NewJob,
-    *,
-    key: str | None = None,
-    fingerprint: str | None = None,
+    idempotent: IdempotentRequest | None = None,
 ) -> Submission:
+    if idempotent is not None:
+        replay = db.run(lambda cur: _stored_response(cur, tenant, idempotent), transaction=False)
+        if replay is not None:
+            return replay
+    rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits))
+    if not rate.allowed:
+        raise RateLimited(
+            f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
+            f"(bursts of {limits.submit_burst}).",
+            retry_after=rate.retry_after,
+            rate=rate,
+        )
     job_id = uuid.uuid4()
 
     def write(cur: Cursor) -> tuple[Submission, Dispatch | None]:
         record = None
-        if key is not None:
-            assert fingerprint is not None
-            if not key_store.try_lock(cur, key):
+        if idempotent is not None:
+            if not key_store.try_lock(cur, tenant, idempotent.key):
                 raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still in progress.")
-            stored = key_store.find_live(cur, key)
-            if stored is not None:
-                if stored.fingerprint != fingerprint:
-                    raise IdempotencyKeyReused(
-                        "This Idempotency-Key was already used for a different request."
-                    )
-                original = job_store.get_job(cur, stored.job_id)
-                if original is not None:
-                    return Submission(original, stored.response_status, replayed=True), None
-            record = job_store.IdempotencyRecord(key, fingerprint, settings.idempotency_ttl_seconds, ACCEPTED)
+            replay = _stored_response(cur, tenant, idempotent)
+            if replay is not None:
+                return replay, None
+            record = job_store.IdempotencyRecord(
+                idempotent.key, idempotent.fingerprint, settings.idempotency_ttl_seconds, ACCEPTED
+            )
         job, dispatch = job_store.insert_job(
-            cur, job_id, new, outbox_grace_seconds=settings.outbox_grace_seconds, idempotency=record
+            cur,
+            job_id,
+            tenant,
+            new,
+            max_active_jobs=limits.max_active_jobs,
+            outbox_grace_seconds=settings.outbox_grace_seconds,
+            idempotency=record,
         )
-        return Submission(job, ACCEPTED, replayed=False), dispatch
+        return Submission(job, ACCEPTED, replayed=False, rate=rate), dispatch
 
-    submission, dispatch = db.run(write)
+    # Without a key the insert is one self-committing statement; with one, the lock needs a transaction.
+    submission, dispatch = db.run(write, transaction=idempotent is not None)
     if dispatch is not None:
         publish_after_commit(db, publisher, dispatch)
     return submission
+
+
+def _stored_response(cur: Cursor, tenant: str, idempotent: IdempotentRequest) -> Submission | None:
+    stored = key_store.find_live(cur, tenant, idempotent.key)
+    if stored is None:
+        return None
+    if stored.fingerprint != idempotent.fingerprint:
+        raise IdempotencyKeyReused("This Idempotency-Key was already used for a different request.")
+    original = job_store.get_job(cur, stored.job_id, tenant)
+    if original is None:  # pruned job; its key goes with it
+        return None
+    return Submission(original, stored.response_status, replayed=True)
 
 
 def publish_after_commit(db: Database, publisher: Publisher, dispatch: Dispatch) -> None:

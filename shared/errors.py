@@ -6,6 +6,9 @@ ConveyorError
 ├── JobNotFound               no job has this id                                  → 404
 ├── UnknownJobType            no job type has this name                           → 422
 ├── IllegalTransition         a status change that shared.jobs.TRANSITIONS forbids → 409
+├── LimitExceeded
+│   ├── RateLimited             the tenant submits faster than its rate           → 429
+│   └── TooManyActiveJobs       the tenant has too many jobs waiting or running   → 429
 └── IdempotencyError
     ├── IdempotencyKeyInvalid   malformed, duplicated or too long                 → 400
     ├── IdempotencyKeyInFlight  the first request with this key is still running  → 409
@@ -13,6 +16,8 @@ ConveyorError
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ConveyorError(Exception):
@@ -37,6 +42,27 @@ class UnknownJobType(ConveyorError, LookupError):
 
 class IllegalTransition(ConveyorError):
     """A status change that the job state machine does not allow."""
+
+
+class LimitExceeded(ConveyorError):
+    """A tenant limit refused the request; ``retry_after`` says when to try again."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(LimitExceeded):
+    """The tenant's submission rate is exhausted."""
+
+    def __init__(self, message: str, retry_after: int, rate: Any = None) -> None:
+        super().__init__(message, retry_after)
+        #: The bucket's state (shared.store.tenants.RateDecision), for RateLimit headers.
+        self.rate = rate
+
+
+class TooManyActiveJobs(LimitExceeded):
+    """The tenant has as many jobs waiting or running as it may."""
 
 
 class IdempotencyError(ConveyorError):

@@ -69,6 +69,14 @@ def is_terminal(status: JobStatus) -> bool:
     return status in TERMINAL_STATUSES
 
 
+def status_rows() -> list[tuple[str, bool]]:
+    """(status, is_active) for the table the per-tenant active-job counter reads.
+
+    Active means waiting or running: everything that is not terminal counts against a tenant's cap.
+    """
+    return [(status.value, not is_terminal(status)) for status in JobStatus]
+
+
 def retry_delay_seconds(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Delay before the attempt after ``attempt`` (1-based): exponential, capped, with jitter.
 
@@ -117,6 +125,7 @@ class Job:
     """A job as stored: what was asked for, and where it stands."""
 
     id: uuid.UUID
+    tenant: str
     type: str
     queue: str
     status: JobStatus

@@ -22,8 +22,17 @@ class SettingsError(ValueError):
     """An environment variable holds a value Conveyor cannot use."""
 
 
-def setting(env: str, default: Any, doc: str, *, minimum: float | None = None) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc, "minimum": minimum})
+def setting(
+    env: str,
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    metadata = {"env": env, "doc": doc, "minimum": minimum, "choices": choices, "secret": secret}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,67 @@ class Settings:
         "After a failed publish the API stops publishing inline for this long and leaves its "
         "messages to the relay, so a dead broker never slows submissions down.",
         minimum=0,
+    )
+    # --- Security -------------------------------------------------------------------------------
+    auth: str = setting(
+        "CONVEYOR_AUTH",
+        "keys",
+        "`keys`: every /v1 request needs `Authorization: Bearer <API key>` (see `conveyor keys`). "
+        "`none`: no authentication, every request acts as tenant `default` with every scope; for local "
+        "development only (`make run` sets it unless CONVEYOR_AUTH is already set).",
+        choices=("keys", "none"),
+    )
+    metrics_token: str = setting(
+        "CONVEYOR_METRICS_TOKEN",
+        "",
+        "If set, `GET /metrics` also accepts `Authorization: Bearer <this token>` (for Prometheus). "
+        "Without it, /metrics needs an API key with the `admin` scope (or CONVEYOR_AUTH=none).",
+        secret=True,
+    )
+    api_docs: bool = setting(
+        "CONVEYOR_API_DOCS",
+        True,
+        "Serve the interactive API docs at /docs. Set to false to hide them in production "
+        "(/openapi.json stays, since clients are generated from it).",
+    )
+    hsts_seconds: int = setting(
+        "CONVEYOR_HSTS_SECONDS",
+        0,
+        "If above 0, send Strict-Transport-Security with this max-age. Enable it only when the API is "
+        "reached over HTTPS (often the ingress sets it instead).",
+        minimum=0,
+    )
+    tenant_max_active_jobs: int = setting(
+        "CONVEYOR_TENANT_MAX_ACTIVE_JOBS",
+        10_000,
+        "Default cap on a tenant's jobs waiting or running (429 above it). Per-tenant values: "
+        "`conveyor tenants set`.",
+        minimum=0,
+    )
+    tenant_submit_rate: float = setting(
+        "CONVEYOR_TENANT_SUBMIT_RATE",
+        100.0,
+        "Default sustained submissions per second per tenant, across all API replicas (429 above it).",
+        minimum=0.001,
+    )
+    tenant_submit_burst: int = setting(
+        "CONVEYOR_TENANT_SUBMIT_BURST",
+        200,
+        "Default number of submissions a tenant may make at once before the rate applies.",
+        minimum=1,
+    )
+    max_json_depth: int = setting(
+        "CONVEYOR_MAX_JSON_DEPTH",
+        32,
+        "Deepest nesting of arrays and objects accepted in a request body (400 above it).",
+        minimum=2,
+    )
+    max_payload_bytes: int = setting(
+        "CONVEYOR_MAX_PAYLOAD_BYTES",
+        65_536,
+        "Largest job payload, as compact JSON (422 above it). Payloads travel through Postgres on every "
+        "attempt; large data belongs in object storage, referenced from the payload.",
+        minimum=2,
     )
     # --- HTTP API -------------------------------------------------------------------------------
     api_bind: str = setting("CONVEYOR_API_BIND", "127.0.0.1:8000", "Address gunicorn listens on.")
@@ -158,6 +228,16 @@ class Settings:
             values[f.name] = _parse(f, raw)
         return cls(**values)
 
+    def display_value(self, name: str) -> str:
+        """A setting's value as it may be shown or logged: URLs without passwords, secrets hidden."""
+        f = next(f for f in dataclasses.fields(self) if f.name == name)
+        value = getattr(self, name)
+        if f.metadata["secret"]:
+            return "***" if value else ""
+        if name in ("database_url", "broker_url"):
+            return _redact(str(value))
+        return str(value)
+
     def redacted_database_url(self) -> str:
         return _redact(self.database_url)
 
@@ -178,6 +258,9 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         raise SettingsError(f"{env} must be a {kind.__name__}, got {raw!r}") from None
     if kind is float and not math.isfinite(value):
         raise SettingsError(f"{env} must be a finite number, got {raw!r}")
+    choices = f.metadata["choices"]
+    if choices is not None and value not in choices:
+        raise SettingsError(f"{env} must be one of {', '.join(choices)}; got {raw!r}")
     minimum = f.metadata["minimum"]
     if minimum is not None and value < minimum:
         raise SettingsError(f"{env} must be at least {minimum}, got {raw!r}")
@@ -208,7 +291,8 @@ def get_settings() -> Settings:
 def markdown_table() -> str:
     lines = ["| Variable | Default | What it does |", "|---|---|---|"]
     for f in dataclasses.fields(Settings):
-        lines.append(f"| `{f.metadata['env']}` | `{f.default}` | {f.metadata['doc']} |")
+        default = f"`{f.default}`" if f.default != "" else "(empty)"
+        lines.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['doc']} |")
     return "\n".join(lines)
 
 

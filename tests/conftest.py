@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from support import (
@@ -32,6 +34,8 @@ TEST_ENV = {
         "CONVEYOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"
     ),
     "CONVEYOR_QUEUE_PREFIX": "conveyor_test.",
+    "CONVEYOR_AUTH": "keys",
+    "CONVEYOR_METRICS_TOKEN": "test-metrics-token",
     "CONVEYOR_API_BIND": f"127.0.0.1:{free_port()}",
     "CONVEYOR_API_WORKERS": "1",
     "CONVEYOR_API_THREADS": "16",
@@ -100,6 +104,55 @@ def rabbitmq(settings: Settings) -> str:
     return settings.broker_url
 
 
+#: The tenant most tests act as, with limits high enough never to get in their way.
+TEST_TENANT = "tests"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """API keys created for the run (through the same store code as `conveyor keys create`)."""
+
+    writer: str  # tenant "tests": jobs:read + jobs:write
+    reader: str  # tenant "tests": jobs:read
+    admin: str  # tenant "ops": admin
+    other_tenant: str  # tenant "others": jobs:read + jobs:write
+
+
+@pytest.fixture(scope="session")
+def keys(database: str, settings: Settings) -> Keys:
+    from shared.api_keys import Scope, generate_key
+    from shared.store import Database
+    from shared.store import api_keys as key_store
+    from shared.store import tenants as tenant_store
+
+    db = Database(settings)
+
+    def make(tenant: str, *scopes: Scope) -> str:
+        new = generate_key()
+
+        def create(cur: Any) -> None:
+            tenant_store.create_tenant(cur, tenant)
+            key_store.insert_key(cur, new, tenant, frozenset(scopes), "test suite")
+
+        db.run(create)
+        return new.key
+
+    keys = Keys(
+        writer=make(TEST_TENANT, Scope.JOBS_READ, Scope.JOBS_WRITE),
+        reader=make(TEST_TENANT, Scope.JOBS_READ),
+        admin=make("ops", Scope.ADMIN),
+        other_tenant=make("others", Scope.JOBS_READ, Scope.JOBS_WRITE),
+    )
+    for tenant in (TEST_TENANT, "others"):
+        db.execute(
+            lambda cur, t=tenant: tenant_store.set_limits(
+                cur, t, max_active_jobs=1_000_000, submit_rate_per_second=100_000.0, submit_burst=100_000
+            )
+        )
+    db.close()
+    return keys
+
+
 @pytest.fixture(scope="session")
 def service_env(database: str, rabbitmq: str) -> dict[str, str]:
     return {**os.environ, **TEST_ENV}
@@ -155,8 +208,9 @@ def relay(relay_process: ServiceProcess) -> ServiceProcess:
 
 
 @pytest.fixture
-def api(api_process: ServiceProcess, settings: Settings) -> ApiClient:
-    return ApiClient(f"http://{settings.api_bind}")
+def api(api_process: ServiceProcess, settings: Settings, keys: Keys) -> ApiClient:
+    """The running API, called with tenant "tests"' read/write key."""
+    return ApiClient(f"http://{settings.api_bind}", keys.writer)
 
 
 @pytest.fixture

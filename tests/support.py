@@ -190,9 +190,11 @@ def rabbitmqctl(*args: str) -> None:
 class ApiClient:
     """Thin requests wrapper for the API under test."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, key: str | None = None) -> None:
         self.base_url = base_url
         self.session = requests.Session()
+        if key is not None:
+            self.session.headers["Authorization"] = f"Bearer {key}"
 
     def submit(self, body: dict[str, Any], *, key: str | None = None, **kwargs: Any) -> requests.Response:
         headers = {"Idempotency-Key": key} if key else {}

@@ -17,29 +17,29 @@ class StoredKey:
     response_status: int
 
 
-def _lock_id(key: str) -> int:
-    """A signed 64-bit advisory lock id for the key (collisions only cost a spurious 409)."""
-    digest = hashlib.sha256(b"conveyor-idempotency\0" + key.encode()).digest()
+def _lock_id(tenant: str, key: str) -> int:
+    """A signed 64-bit advisory lock id for the tenant's key (collisions only cost a spurious 409)."""
+    digest = hashlib.sha256(b"conveyor-idempotency\0" + tenant.encode() + b"\0" + key.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def try_lock(cur: Cursor, key: str) -> bool:
+def try_lock(cur: Cursor, tenant: str, key: str) -> bool:
     """Take the key's transaction-scoped lock, or return False at once if another request holds it.
 
     The lock lives until COMMIT or ROLLBACK, including when the process dies, so a key can never be
     left "in flight" by a crash.
     """
-    cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_lock_id(key),))
+    cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_lock_id(tenant, key),))
     row = cur.fetchone()
     return bool(row and row[0])
 
 
-def find_live(cur: Cursor, key: str) -> StoredKey | None:
-    """The key's record if it exists and has not expired."""
+def find_live(cur: Cursor, tenant: str, key: str) -> StoredKey | None:
+    """The tenant's record of this key if it exists and has not expired."""
     cur.execute(
         "SELECT fingerprint, job_id, response_status FROM idempotency_keys "
-        "WHERE key = %s AND expires_at > now()",
-        (key,),
+        "WHERE tenant = %s AND key = %s AND expires_at > now()",
+        (tenant, key),
     )
     row = cur.fetchone()
     return StoredKey(row[0], row[1], row[2]) if row else None
@@ -49,8 +49,8 @@ def purge_expired(cur: Cursor, limit: int) -> int:
     """Delete up to ``limit`` expired keys; small batches keep locks short."""
     cur.execute(
         """
-        DELETE FROM idempotency_keys WHERE key IN (
-            SELECT key FROM idempotency_keys WHERE expires_at <= now()
+        DELETE FROM idempotency_keys WHERE (tenant, key) IN (
+            SELECT tenant, key FROM idempotency_keys WHERE expires_at <= now()
             ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED
         )
         """,

@@ -14,23 +14,29 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from shared.errors import TooManyActiveJobs
 from shared.jobs import INITIAL_STATUS, WORKER_LOST, Job, JobError, JobStatus, NewJob, sources_of
 from shared.messages import Dispatch
 from shared.store.db import Cursor, json_param
 
 _JOB_COLUMNS = (
-    "id, type, queue, status, payload, priority, attempts, max_attempts, timeout_seconds, run_at, "
+    "id, tenant, type, queue, status, payload, priority, attempts, max_attempts, timeout_seconds, run_at, "
     "labels, result, error, progress, created_at, started_at, finished_at, updated_at"
 )
 
+#: Retry-After for a tenant at its cap: no telling when its jobs finish, so a short, steady poll.
+TOO_MANY_ACTIVE_RETRY_AFTER = 5
+
+_WIDTH = len(_JOB_COLUMNS.split(", "))
 _CLAIMABLE = [s.value for s in sources_of(JobStatus.RUNNING)]
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
-    (id_, type_, queue, status, payload, priority, attempts, max_attempts, timeout, run_at, labels,
-     result, error, progress, created_at, started_at, finished_at, updated_at) = row[:18]  # fmt: skip
+    (id_, tenant, type_, queue, status, payload, priority, attempts, max_attempts, timeout, run_at, labels,
+     result, error, progress, created_at, started_at, finished_at, updated_at) = row[:_WIDTH]  # fmt: skip
     return Job(
         id=id_,
+        tenant=tenant,
         type=type_,
         queue=queue,
         status=JobStatus(status),
@@ -62,8 +68,10 @@ class IdempotencyRecord:
 def insert_job(
     cur: Cursor,
     job_id: uuid.UUID,
+    tenant: str,
     new: NewJob,
     *,
+    max_active_jobs: int,
     outbox_grace_seconds: float,
     idempotency: IdempotencyRecord | None = None,
 ) -> tuple[Job, Dispatch | None]:
@@ -71,16 +79,19 @@ def insert_job(
 
     Returns the job and, if it is due now, the dispatch the caller should publish after COMMIT. The
     outbox row of a due job is held for ``outbox_grace_seconds`` so that the relay leaves it to the
-    caller; a job scheduled for later is left entirely to the relay.
+    caller; a job scheduled for later is left entirely to the relay. Raises TooManyActiveJobs, and
+    inserts nothing, if the tenant already has ``max_active_jobs`` jobs waiting or running.
     """
     cur.execute(
         f"""
         WITH job AS (
-            INSERT INTO jobs (id, type, queue, status, payload, priority, max_attempts,
+            INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
                               timeout_seconds, run_at, labels)
-            VALUES (%(id)s, %(type)s, %(queue)s, %(status)s, %(payload)s, %(priority)s,
-                    %(max_attempts)s, %(timeout)s,
-                    COALESCE(%(run_at)s, now() + %(delay)s * interval '1 second'), %(labels)s)
+            SELECT %(id)s, %(tenant)s, %(type)s, %(queue)s, %(status)s, %(payload)s, %(priority)s,
+                   %(max_attempts)s, %(timeout)s,
+                   COALESCE(%(run_at)s, now() + %(delay)s * interval '1 second'), %(labels)s
+            WHERE (SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s)
+                  < %(max_active)s
             RETURNING {_JOB_COLUMNS}
         ), outbox_row AS (
             INSERT INTO outbox (job_id, available_at, locked_until)
@@ -89,11 +100,11 @@ def insert_job(
             FROM job
             RETURNING id
         ), key_row AS (
-            INSERT INTO idempotency_keys (key, fingerprint, job_id, response_status, expires_at)
-            SELECT %(key)s, %(fingerprint)s, id, %(response_status)s,
+            INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
+            SELECT tenant, %(key)s, %(fingerprint)s, id, %(response_status)s,
                    now() + %(key_ttl)s * interval '1 second'
             FROM job WHERE %(key)s::text IS NOT NULL
-            ON CONFLICT (key) DO UPDATE
+            ON CONFLICT (tenant, key) DO UPDATE
                 SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
                     response_status = EXCLUDED.response_status, created_at = now(),
                     expires_at = EXCLUDED.expires_at
@@ -103,6 +114,8 @@ def insert_job(
         """,  # noqa: S608 - only the fixed column list is interpolated
         {
             "id": job_id,
+            "tenant": tenant,
+            "max_active": max_active_jobs,
             "type": new.type,
             "queue": new.queue,
             "status": INITIAL_STATUS.value,
@@ -121,21 +134,32 @@ def insert_job(
         },
     )
     row = cur.fetchone()
-    assert row is not None
+    if row is None:
+        raise TooManyActiveJobs(
+            f"The tenant already has {max_active_jobs} jobs waiting or running; wait for some to finish.",
+            retry_after=TOO_MANY_ACTIVE_RETRY_AFTER,
+        )
     job = job_from_row(row)
-    outbox_id, due_now = row[18], row[19]
+    outbox_id, due_now = row[_WIDTH], row[_WIDTH + 1]
     dispatch = Dispatch(job.id, job.type, job.queue, job.priority, outbox_id) if due_now else None
     return job, dispatch
 
 
-def get_job(cur: Cursor, job_id: uuid.UUID) -> Job | None:
-    cur.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = %s", (job_id,))  # noqa: S608
+def get_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
+    """The job, if it exists and (unless ``tenant`` is None) belongs to ``tenant``."""
+    cur.execute(
+        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = %(id)s"  # noqa: S608
+        " AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)",
+        {"id": job_id, "tenant": tenant},
+    )
     row = cur.fetchone()
     return job_from_row(row) if row else None
 
 
 @dataclass(frozen=True)
 class JobFilter:
+    #: None lists every tenant's jobs (admin).
+    tenant: str | None
     statuses: Sequence[JobStatus] = ()
     types: Sequence[str] = ()
     labels: dict[str, str] | None = None
@@ -149,6 +173,9 @@ def list_jobs(cur: Cursor, filters: JobFilter, limit: int) -> list[Job]:
     """Newest first, ``limit`` at most, strictly after the keyset position ``filters.after``."""
     clauses: list[str] = []
     params: dict[str, Any] = {"limit": limit}
+    if filters.tenant is not None:
+        clauses.append("tenant = %(tenant)s")
+        params["tenant"] = filters.tenant
     if filters.statuses:
         clauses.append("status = ANY(%(statuses)s)")
         params["statuses"] = [s.value for s in filters.statuses]

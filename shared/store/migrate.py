@@ -2,7 +2,8 @@
 
 Each ``migrations/NNNN_name.sql`` file runs once, in its own transaction, and is recorded in
 ``schema_migrations``. An advisory lock serialises concurrent runs (several pods starting at once).
-Every run also copies the job state machine from ``shared.jobs`` into ``job_status_transitions``.
+Every run also copies the job state machine from ``shared.jobs`` into ``job_status_transitions`` and
+``job_statuses``, the tables the database triggers read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from shared.errors import StoreUnavailable
-from shared.jobs import transition_rows
+from shared.jobs import status_rows, transition_rows
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def _apply(conn: psycopg2.extensions.connection) -> list[str]:
             "INSERT INTO job_status_transitions (from_status, to_status) VALUES (%s, %s)",
             list(transition_rows()),
         )
+        cur.execute("DELETE FROM job_statuses")
+        cur.executemany("INSERT INTO job_statuses (status, is_active) VALUES (%s, %s)", status_rows())
         cur.execute("COMMIT")
     return applied
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg2
 import pytest
 import requests
+from conftest import TEST_TENANT
 from support import ApiClient, count_rows, new_key, pg
 
 from shared.store.idempotency import _lock_id
@@ -69,7 +70,7 @@ def test_key_in_flight_is_409_with_retry_after(api: ApiClient, dsn: str) -> None
     holder = psycopg2.connect(dsn)  # plays the first request, still inside its transaction
     try:
         with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(key),))
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(TEST_TENANT, key),))
             response = api.submit({"type": "noop"}, key=key)
         assert response.status_code == 409
         assert response.json()["type"] == "/problems/idempotency-key-in-flight"
@@ -87,6 +88,7 @@ def test_fifty_concurrent_identical_requests_create_exactly_one_job(api: ApiClie
 
     def send(_: int) -> requests.Response:
         with requests.Session() as session:
+            session.headers["Authorization"] = api.session.headers["Authorization"]
             start.wait()
             return session.post(
                 f"{api.base_url}/v1/jobs", json=body, headers={"Idempotency-Key": key}, timeout=30

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
+from conftest import TEST_TENANT, Keys
 from support import ApiClient, ServiceProcess, pg, queue_counts, rabbitmqctl, wait_for
 
 from shared.broker import Publisher, create_broker
@@ -50,7 +51,14 @@ def test_job_committed_but_never_published_is_delivered_by_the_relay(
     job_id = uuid.uuid4()
     new = NewJob("noop", "default", {}, 5, 1, 60, None, 0.0, {})
     db.run(
-        lambda cur: job_store.insert_job(cur, job_id, new, outbox_grace_seconds=settings.outbox_grace_seconds)
+        lambda cur: job_store.insert_job(
+            cur,
+            job_id,
+            TEST_TENANT,
+            new,
+            max_active_jobs=10**6,
+            outbox_grace_seconds=settings.outbox_grace_seconds,
+        )
     )
     db.close()
     job = conveyor.wait_status(str(job_id), "succeeded", timeout=15)
@@ -58,14 +66,14 @@ def test_job_committed_but_never_published_is_delivered_by_the_relay(
 
 
 @pytest.fixture
-def api_without_broker(service_env: dict[str, str]) -> Iterator[ApiClient]:
+def api_without_broker(service_env: dict[str, str], keys: Keys) -> Iterator[ApiClient]:
     port = int(service_env["CONVEYOR_API_BIND"].rsplit(":", 1)[1]) + 1
     env = {**service_env, "CONVEYOR_API_BIND": f"127.0.0.1:{port}",
            "CONVEYOR_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/%2F"}  # fmt: skip
     proc = ServiceProcess("api", env)
     proc.log_path = proc.log_path.with_name("api-without-broker.log")
     proc.start()
-    client = ApiClient(f"http://127.0.0.1:{port}")
+    client = ApiClient(f"http://127.0.0.1:{port}", keys.writer)
 
     def healthy() -> bool:
         try:

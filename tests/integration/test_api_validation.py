@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import Keys
 from flask import Flask
 from flask.testing import FlaskClient
 from support import count_rows
@@ -37,8 +38,10 @@ def services_of(app: Flask) -> Services:
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+def client(app: Flask, keys: Keys) -> FlaskClient:
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {keys.writer}"
+    return client
 
 
 @pytest.fixture
@@ -196,8 +199,9 @@ def app_without_postgres(settings: Settings) -> Flask:
 
 
 @pytest.mark.usefixtures("unchanged_database")
-def test_postgres_down_answers_503_with_retry_after(app_without_postgres: Flask) -> None:
+def test_postgres_down_answers_503_with_retry_after(app_without_postgres: Flask, keys: Keys) -> None:
     client = app_without_postgres.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {keys.writer}"
     response = post(client, {"type": "noop"}, headers={"Idempotency-Key": "pg-down"})
     problem(response, 503, "service-unavailable")
     assert response.headers["Retry-After"] == "5"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg2
 import pytest
@@ -17,9 +18,11 @@ from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
+from shared.store.db import Cursor
 from shared.store.migrate import migrate
 
 ERROR = JobError("Boom", "It broke", "details", 1)
+TENANT = "default"
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,13 @@ def new_job(**overrides: object) -> NewJob:
     return NewJob(**fields)  # type: ignore[arg-type]
 
 
+def insert_job(cur: Cursor, job_id: uuid.UUID, new: NewJob, **kwargs: Any) -> Any:
+    return job_store.insert_job(cur, job_id, TENANT, new, max_active_jobs=10**6, **kwargs)
+
+
 def insert(db: Database, **overrides: object) -> uuid.UUID:
     job_id = uuid.uuid4()
-    db.run(lambda cur: job_store.insert_job(cur, job_id, new_job(**overrides), outbox_grace_seconds=0))
+    db.run(lambda cur: insert_job(cur, job_id, new_job(**overrides), outbox_grace_seconds=0))
     return job_id
 
 
@@ -188,7 +195,7 @@ def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> No
 
 def test_outbox_leaves_fresh_rows_to_their_writer_then_takes_them(db: Database) -> None:
     job_id = uuid.uuid4()
-    db.run(lambda cur: job_store.insert_job(cur, job_id, new_job(), outbox_grace_seconds=0.5))
+    db.run(lambda cur: insert_job(cur, job_id, new_job(), outbox_grace_seconds=0.5))
     taken = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
     assert job_id not in {d.job_id for d in taken}
     time.sleep(0.6)
@@ -202,7 +209,7 @@ def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> N
     live, expired = f"live-{uuid.uuid4()}", f"expired-{uuid.uuid4()}"
     for key in (live, expired):
         record = job_store.IdempotencyRecord(key, "fp", 3600, 202)
-        db.run(lambda cur, r=record: job_store.insert_job(  # type: ignore[misc]
+        db.run(lambda cur, r=record: insert_job(  # type: ignore[misc]
             cur, uuid.uuid4(), new_job(), outbox_grace_seconds=0, idempotency=r))  # fmt: skip
     with pg(dsn) as cur:
         cur.execute(

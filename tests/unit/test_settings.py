@@ -136,7 +136,8 @@ def test_markdown_table_lists_every_variable_with_its_default() -> None:
     assert lines[0] == "| Variable | Default | What it does |"
     assert len(lines) == 2 + len(FIELDS)
     for f in FIELDS:
-        assert f"| `{f.metadata['env']}` | `{f.default}` |" in table
+        default = f"`{f.default}`" if f.default != "" else "(empty)"
+        assert f"| `{f.metadata['env']}` | {default} |" in table
 
 
 def test_readme_documents_every_environment_variable() -> None:

@@ -1,11 +1,4 @@
-"""The ``conveyor`` command.
-
-    conveyor migrate          create the database if needed and apply pending migrations
-    conveyor api              run the HTTP API under gunicorn
-    conveyor worker [ARGS]    run the dramatiq worker (extra ARGS go to dramatiq, e.g. -Q conveyor.default)
-    conveyor relay            run the outbox relay
-    conveyor run              run api + worker + relay in the foreground; Ctrl-C stops all three
-    conveyor settings         print every setting, its environment variable and its current value
+"""``conveyor migrate|api|worker|relay|run|settings``: running Conveyor's processes.
 
 ``api``, ``worker`` and ``relay`` replace the ``conveyor`` process (exec), so the signals a container
 runtime sends reach gunicorn and dramatiq directly.
@@ -13,7 +6,6 @@ runtime sends reach gunicorn and dramatiq directly.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -23,10 +15,9 @@ import sys
 import time
 
 from shared.errors import StoreUnavailable
-from shared.logs import configure_logging
-from shared.settings import Settings, SettingsError, get_settings
+from shared.settings import Settings
 
-logger = logging.getLogger("conveyor")
+logger = logging.getLogger(__name__)
 
 #: Extra seconds dramatiq's main process gets beyond the worker shutdown timeout in ``conveyor run``.
 RUN_STOP_MARGIN_SECONDS = 10
@@ -39,6 +30,7 @@ def _exec(argv: list[str]) -> None:
 
 
 def cmd_migrate(settings: Settings, extra: list[str]) -> int:
+    """Create the database if needed and apply pending migrations."""
     from shared.store.migrate import migrate
 
     try:
@@ -52,6 +44,7 @@ def cmd_migrate(settings: Settings, extra: list[str]) -> int:
 
 
 def cmd_api(settings: Settings, extra: list[str]) -> int:
+    """Run the HTTP API under gunicorn."""
     _exec(["-m", "gunicorn", "--config", "python:api_service.gunicorn_conf", *extra, "api_service.wsgi:app"])
     return 0  # pragma: no cover
 
@@ -67,17 +60,23 @@ def worker_argv(settings: Settings) -> list[str]:
 
 
 def cmd_worker(settings: Settings, extra: list[str]) -> int:
+    """Run the dramatiq worker (extra arguments go to dramatiq, e.g. -Q conveyor.default)."""
     _exec([*worker_argv(settings), *extra])
     return 0  # pragma: no cover
 
 
 def cmd_relay(settings: Settings, extra: list[str]) -> int:
+    """Run the outbox relay."""
     _exec(["-m", "worker_service.relay", *extra])
     return 0  # pragma: no cover
 
 
 def cmd_run(settings: Settings, extra: list[str]) -> int:
-    """Supervise api, worker and relay; stop all when one exits or on Ctrl-C/SIGTERM."""
+    """Run api + worker + relay in the foreground; Ctrl-C stops all three."""
+    if settings.auth == "none":
+        print(
+            "WARNING: CONVEYOR_AUTH=none - authentication is off (local development only).", file=sys.stderr
+        )
     children = {
         name: subprocess.Popen([sys.executable, "-m", "shared.cli", name], start_new_session=True)
         for name in ("api", "worker", "relay")
@@ -114,40 +113,7 @@ def cmd_run(settings: Settings, extra: list[str]) -> int:
 
 
 def cmd_settings(settings: Settings, extra: list[str]) -> int:
+    """Print every setting's variable and current value (secrets hidden)."""
     for f in dataclasses.fields(Settings):
-        value = getattr(settings, f.name)
-        if f.name == "database_url":
-            value = settings.redacted_database_url()
-        elif f.name == "broker_url":
-            value = settings.redacted_broker_url()
-        print(f"{f.metadata['env']}={value}")
+        print(f"{f.metadata['env']}={settings.display_value(f.name)}")
     return 0
-
-
-COMMANDS = {
-    "migrate": cmd_migrate,
-    "api": cmd_api,
-    "worker": cmd_worker,
-    "relay": cmd_relay,
-    "run": cmd_run,
-    "settings": cmd_settings,
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the underlying program")
-    args = parser.parse_args(argv)
-    try:
-        settings = get_settings()
-    except SettingsError as exc:
-        print(f"conveyor: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings)
-    return COMMANDS[args.command](settings, args.args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The ``conveyor`` command: run the services, migrate the database, manage tenants and API keys.
+
+    conveyor migrate                 create the database if needed and apply pending migrations
+    conveyor run                     run api + worker + relay in the foreground; Ctrl-C stops all three
+    conveyor api | worker | relay    run one process (extra arguments go to gunicorn / dramatiq)
+    conveyor settings                print every setting and its current value (secrets hidden)
+    conveyor keys create|list|revoke        API keys
+    conveyor tenants create|list|set        tenants and their limits
+
+Errors are printed as one line on stderr with a non-zero exit code (2 for a usage mistake).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.cli import admin, processes
+from shared.errors import StoreUnavailable
+from shared.logs import configure_logging
+from shared.settings import SettingsError, get_settings
+
+PROCESS_COMMANDS = {
+    "migrate": processes.cmd_migrate,
+    "run": processes.cmd_run,
+    "api": processes.cmd_api,
+    "worker": processes.cmd_worker,
+    "relay": processes.cmd_relay,
+    "settings": processes.cmd_settings,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conveyor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in PROCESS_COMMANDS.items():
+        sub = commands.add_parser(name, help=(command.__doc__ or "").strip().splitlines()[0])
+        sub.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        sub.set_defaults(process=command)
+    admin.add_parsers(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        print(f"conveyor: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    if hasattr(args, "process"):
+        return int(args.process(settings, args.extra))
+    try:
+        return int(args.handler(settings, args))
+    except admin.UsageError as exc:
+        print(f"conveyor {args.command} {args.action}: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(
+            f"conveyor: cannot reach Postgres at {settings.redacted_database_url()}: {exc}", file=sys.stderr
+        )
+        return 1

@@ -1,0 +1,112 @@
+"""SQL for tenants, their limits, and the shared token buckets that rate-limit submissions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+from shared.store.db import Cursor
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    max_active_jobs: int
+    submit_rate_per_second: float
+    submit_burst: int
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    #: None: the CONVEYOR_TENANT_* default applies.
+    max_active_jobs: int | None
+    submit_rate_per_second: float | None
+    submit_burst: int | None
+    created_at: datetime
+
+    def limits(self, defaults: TenantLimits) -> TenantLimits:
+        return TenantLimits(
+            max_active_jobs=defaults.max_active_jobs
+            if self.max_active_jobs is None
+            else self.max_active_jobs,
+            submit_rate_per_second=self.submit_rate_per_second or defaults.submit_rate_per_second,
+            submit_burst=self.submit_burst or defaults.submit_burst,
+        )
+
+
+_COLUMNS = "name, max_active_jobs, submit_rate_per_second, submit_burst, created_at"
+
+
+def create_tenant(cur: Cursor, name: str) -> bool:
+    """Create a tenant with default limits; False if it already exists."""
+    cur.execute("INSERT INTO tenants (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+    return bool(cur.rowcount == 1)
+
+
+def get_tenant(cur: Cursor, name: str) -> Tenant | None:
+    cur.execute(f"SELECT {_COLUMNS} FROM tenants WHERE name = %s", (name,))  # noqa: S608
+    row = cur.fetchone()
+    return Tenant(*row) if row else None
+
+
+def list_tenants(cur: Cursor) -> list[Tenant]:
+    cur.execute(f"SELECT {_COLUMNS} FROM tenants ORDER BY name")  # noqa: S608
+    return [Tenant(*row) for row in cur.fetchall()]
+
+
+def set_limits(
+    cur: Cursor,
+    name: str,
+    *,
+    max_active_jobs: int | None,
+    submit_rate_per_second: float | None,
+    submit_burst: int | None,
+) -> bool:
+    """Set a tenant's limits (None resets one to the default); False if no such tenant."""
+    cur.execute(
+        "UPDATE tenants SET max_active_jobs = %s, submit_rate_per_second = %s, submit_burst = %s "
+        "WHERE name = %s",
+        (max_active_jobs, submit_rate_per_second, submit_burst, name),
+    )
+    return bool(cur.rowcount == 1)
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    #: Whole submissions left right now, after this one.
+    remaining: int
+    #: Seconds until the next submission would be allowed (0 when allowed).
+    retry_after: int
+    #: Seconds until the bucket is full again.
+    reset: int
+
+
+def take_submission_token(cur: Cursor, tenant: str, limits: TenantLimits) -> RateDecision:
+    """Take one token from the tenant's bucket if it has one; one statement, atomic across replicas.
+
+    The bucket refills continuously at ``submit_rate_per_second`` up to ``submit_burst``. A refused
+    request takes nothing, so a client that waits as told by Retry-After gets through.
+    """
+    rate, burst = limits.submit_rate_per_second, float(limits.submit_burst)
+    cur.execute(
+        """
+        INSERT INTO rate_buckets AS b (tenant, tokens, refilled_at, allowed)
+        VALUES (%(tenant)s, %(burst)s - 1, now(), true)
+        ON CONFLICT (tenant) DO UPDATE SET
+            allowed = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1,
+            tokens = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
+                     - (rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1)::int,
+            refilled_at = now()
+        RETURNING tokens, allowed
+        """,
+        {"tenant": tenant, "burst": burst, "rate": rate},
+    )
+    row = cur.fetchone()
+    assert row is not None
+    tokens, allowed = float(row[0]), bool(row[1])
+    reset = math.ceil((burst - tokens) / rate)
+    if allowed:
+        return RateDecision(True, int(tokens), 0, reset)
+    return RateDecision(False, 0, max(1, math.ceil((1 - tokens) / rate)), reset)
