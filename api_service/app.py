@@ -9,7 +9,7 @@ from flask import Flask, Response, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
-from api_service import auth, health, jobs, problems
+from api_service import auth, health, jobs, metrics, problems
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem
 from shared.broker import Publisher, create_broker
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(jobs.blp)
     api.register_blueprint(health.blp)
     problems.register(app)
+    metrics.register(app)
     app.before_request(_check_request_body)
     app.before_request(auth.authenticate_request)
     app.after_request(_security_headers)

@@ -1,5 +1,10 @@
 """gunicorn settings, taken from Conveyor's settings so there is one place to configure the API."""
 
+import os
+import shutil
+import tempfile
+from typing import Any
+
 from shared.settings import get_settings
 
 _settings = get_settings()
@@ -18,3 +23,22 @@ keepalive = 5
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+
+# Prometheus multiprocess mode: every worker writes its samples here and /metrics merges them. One
+# directory per bind address, so two servers on one host never mix their files; emptied at start so
+# the counters of a previous run (or of dead workers' pids) never leak into this one.
+_metrics_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(tempfile.gettempdir(), "conveyor-api-metrics-" + bind.replace(":", "-").replace("/", "-")),
+)
+
+
+def on_starting(server: Any) -> None:
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, exist_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

@@ -16,6 +16,7 @@ from api_service.auth import REALM, current_limits, current_principal, requires
 from api_service.context import services
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api_service.idempotency import REPLAYED_HEADER, fingerprint, parse_key
+from api_service.metrics import count_submission, counting_submission_refusals
 from api_service.openapi_docs import documents_problems
 from api_service.problems import Problem
 from api_service.rate_limit import rate_limit_headers
@@ -75,9 +76,11 @@ class Jobs(MethodView):
         if key is not None:
             idempotent = IdempotentRequest(key, fingerprint(request.method, request.path, request.get_json()))
         principal, limits = current_principal(), current_limits()
-        submission = submit_job(
-            svc.db, svc.publisher, svc.settings, principal.tenant, limits, new_job, idempotent
-        )
+        with counting_submission_refusals():
+            submission = submit_job(
+                svc.db, svc.publisher, svc.settings, principal.tenant, limits, new_job, idempotent
+            )
+        count_submission(new_job.type, submission.replayed)
         headers = {"Location": url_for("jobs.get_job", job_id=submission.job.id)}
         if submission.replayed:
             headers[REPLAYED_HEADER] = "true"
@@ -93,7 +96,7 @@ class Jobs(MethodView):
         """List jobs
 
         Newest first, filtered by status, type, labels and creation time. Pages are stable while new
-        jobs arrive: follow `next_cursor` (also in the `Link` header) until it is null.
+        jobs arrive: follow `next_cursor` until it is null.
         """
         limit = query["limit"]
         labels = dict(item.split(":", 1) for item in query.get("label", []))

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import marshmallow as ma
@@ -80,6 +80,9 @@ class JobCreateSchema(StrictSchema):
     def _check_type_and_payload(self, data: dict[str, Any], **_: Any) -> None:
         if "delay_seconds" in data and "run_at" in data:
             raise ma.ValidationError("Give either delay_seconds or run_at, not both.", "delay_seconds")
+        run_at = data.get("run_at")
+        if run_at is not None and run_at > datetime.now(UTC) + timedelta(seconds=MAX_DELAY_SECONDS):
+            raise ma.ValidationError("run_at may be at most one year ahead.", "run_at")
         name = data.get("type")
         if name is None:
             return

@@ -45,7 +45,7 @@ class Settings:
     )
     db_pool_size: int = setting(
         "CONVEYOR_DB_POOL_SIZE",
-        8,
+        10,
         "Connections per process. Size it to the threads that touch the database "
         "(gunicorn threads, worker threads + 1 for the lease keeper).",
         minimum=1,
@@ -200,8 +200,9 @@ class Settings:
     relay_poll_seconds: float = setting(
         "CONVEYOR_RELAY_POLL_SECONDS",
         0.5,
-        "How often the relay looks for due outbox rows, expired leases and expired keys when idle. "
-        "Bounds the extra latency of a retry or a scheduled job.",
+        "How often the relay looks for due outbox rows and lapsed leases when idle (expired "
+        "idempotency keys are purged once a minute). Bounds the extra latency of a retry or a "
+        "scheduled job.",
         minimum=0.01,
     )
     relay_batch_size: int = setting(

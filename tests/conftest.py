@@ -76,16 +76,19 @@ def broker_url(settings: Settings) -> str:
 @pytest.fixture(scope="session")
 def database(settings: Settings) -> str:
     """A freshly migrated test database; fails (never skips) if Postgres is unreachable."""
+    from psycopg2 import sql
+
     from shared.store.migrate import migrate
 
-    maintenance = settings.database_url.rsplit("/", 1)[0] + "/postgres"
+    base, name = settings.database_url.rsplit("/", 1)
     try:
-        with pg(maintenance) as cur:
+        with pg(base + "/postgres") as cur:
             cur.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = 'conveyor_test' AND pid <> pg_backend_pid()"
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
             )
-            cur.execute("DROP DATABASE IF EXISTS conveyor_test")
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
     except Exception as exc:
         pytest.fail(f"Postgres is not reachable ({exc}). Start it with: {START_POSTGRES}", pytrace=False)
     migrate(settings)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -76,10 +75,6 @@ class Executor:
         self._db = db
         self._leases = leases
         self._deadlines = deadlines
-        self._stopping = threading.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     def execute(self, job_type: JobType, handler: Handler, message: Message) -> None:
         try:
@@ -147,7 +142,7 @@ class Executor:
         finally:
             self._leases.untrack(job.id)
         try:
-            json.dumps(result)
+            json.dumps(result, allow_nan=False)  # jsonb has no NaN or Infinity
         except (TypeError, ValueError) as exc:
             return _failure(job, "InvalidResult", "The handler returned a result that is not JSON",
                             str(exc), retryable=False)  # fmt: skip

@@ -3,7 +3,9 @@
 Each round it
 1. leases due outbox rows (new jobs the API could not publish, scheduled jobs whose time came, retries
    whose backoff is over), publishes them with publisher confirms and deletes the confirmed ones;
-2. retries or fails running jobs whose lease lapsed (their worker is gone);
+2. retries or fails running jobs whose lease lapsed (their worker is gone), but only once Postgres has
+   been reachable for a whole lease period: after an outage (or at the relay's start) the workers first
+   get the chance to renew the leases they could not renew meanwhile;
 3. every minute, purges a batch of expired idempotency keys.
 
 Several relays may run at once: rows are leased with ``FOR UPDATE SKIP LOCKED``. A duplicate publish
@@ -55,11 +57,21 @@ class Relay:
         self._db = db
         self._publisher = publisher
         self._next_purge = 0.0
+        #: time.monotonic() since when Postgres has answered every round (None: it just failed).
+        self._reachable_since: float | None = None
 
     def run_round(self) -> RoundReport:
         report = RoundReport()
-        self._publish_due(report)
-        self._recover_lapsed(report)
+        try:
+            self._publish_due(report)
+        except StoreUnavailable:
+            self._reachable_since = None
+            raise
+        now = time.monotonic()
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now - self._reachable_since >= self._settings.job_lease_seconds:
+            self._recover_lapsed(report)
         if time.monotonic() >= self._next_purge:
             report.purged_keys = self._db.execute(lambda cur: key_store.purge_expired(cur, KEY_PURGE_BATCH))
             self._next_purge = time.monotonic() + KEY_PURGE_INTERVAL_SECONDS

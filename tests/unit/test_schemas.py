@@ -98,10 +98,16 @@ def test_payload_that_is_not_an_object_is_rejected() -> None:
 
 
 def test_run_at_with_a_timezone_is_kept() -> None:
-    job = submit({"type": "noop", "run_at": "2030-01-02T03:04:05+02:00"})
-    assert job.run_at == datetime(2030, 1, 2, 1, 4, 5, tzinfo=UTC)
+    year = datetime.now(UTC).year + 1
+    job = submit({"type": "noop", "run_at": f"{year}-01-02T03:04:05+02:00"})
+    assert job.run_at == datetime(year, 1, 2, 1, 4, 5, tzinfo=UTC)
     assert job.run_at is not None
     assert job.run_at.utcoffset() == timedelta(hours=2)
+
+
+def test_run_at_more_than_a_year_ahead_is_rejected() -> None:
+    too_far = (datetime.now(UTC) + timedelta(days=366)).isoformat()
+    assert set(errors_of({"type": "noop", "run_at": too_far})) == {"run_at"}
 
 
 def test_run_at_without_a_timezone_is_rejected() -> None:

@@ -1,0 +1,152 @@
+"""Security settings and the admin CLI: auth modes, docs switch, payload cap, fail-closed scopes."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from marshmallow import fields
+from support import ROOT
+
+from api_service.app import create_app
+from api_service.auth import _REQUIRED_SCOPE
+from api_service.context import EXTENSION, Services
+from shared import job_types
+from shared.job_types import JobType
+from shared.settings import Settings
+
+
+def make_app(settings: Settings, **changes: object) -> Iterator[Flask]:
+    app = create_app(dataclasses.replace(settings, **changes))
+    yield app
+    services: Services = app.extensions[EXTENSION]
+    services.publisher.close()
+    services.db.close()
+
+
+@pytest.fixture
+def open_app(settings: Settings, database: str, rabbitmq: str) -> Iterator[Flask]:
+    yield from make_app(settings, auth="none")
+
+
+def test_every_v1_operation_declares_a_scope(open_app: Flask) -> None:
+    for rule in open_app.url_map.iter_rules():
+        if not rule.rule.startswith("/v1/"):
+            continue
+        view = open_app.view_functions[rule.endpoint]
+        for method in rule.methods - {"HEAD", "OPTIONS"}:  # type: ignore[operator]
+            handler = getattr(view.view_class, method.lower())  # type: ignore[attr-defined]
+            assert getattr(handler, _REQUIRED_SCOPE, None) is not None, f"{method} {rule.rule} has no scope"
+
+
+def test_auth_none_acts_as_the_default_tenant_and_says_so_loudly(
+    settings: Settings, database: str, rabbitmq: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    apps = make_app(settings, auth="none")
+    app = next(apps)
+    warning = next(line for line in capsys.readouterr().err.splitlines() if "AUTHENTICATION IS OFF" in line)
+    assert '"level": "warning"' in warning
+    client = app.test_client()
+    response = client.post("/v1/jobs", json={"type": "noop", "delay_seconds": 3600})
+    assert response.status_code == 202
+    assert response.get_json()["tenant"] == "default"
+    assert client.get("/metrics").status_code == 200
+    next(apps, None)
+
+
+def test_keys_mode_is_the_default(settings: Settings) -> None:
+    assert Settings().auth == "keys"
+    assert Settings.from_env({}).auth == "keys"
+
+
+def test_interactive_docs_can_be_turned_off(settings: Settings, database: str, rabbitmq: str) -> None:
+    for app in make_app(settings, api_docs=False):
+        client = app.test_client()
+        assert client.get("/docs").status_code == 404
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_interactive_docs_page_has_its_own_content_policy(open_app: Flask) -> None:
+    response = open_app.test_client().get("/docs")
+    assert response.status_code == 200
+    assert "https://cdn.jsdelivr.net" in response.headers["Content-Security-Policy"]
+
+
+def test_hsts_is_sent_when_configured(settings: Settings, database: str, rabbitmq: str) -> None:
+    for app in make_app(settings, auth="none", hsts_seconds=31536000):
+        response = app.test_client().get("/healthz")
+        assert response.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains"
+
+
+def test_payload_over_its_cap_is_422(
+    open_app: Flask, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    blob = JobType("test.blob", "a type that takes any text", {"text": fields.String(required=True)})
+    monkeypatch.setitem(job_types.REGISTRY, blob.name, blob)
+    client = open_app.test_client()
+    too_big = "x" * settings.max_payload_bytes
+    response = client.post("/v1/jobs", json={"type": "test.blob", "payload": {"text": too_big}})
+    assert response.status_code == 422
+    assert response.get_json()["errors"][0]["pointer"] == "/payload"
+    fits = client.post(
+        "/v1/jobs", json={"type": "test.blob", "payload": {"text": "x" * 100}, "delay_seconds": 3600}
+    )
+    assert fits.status_code == 202
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.usefixtures("database")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["keys", "create", "--tenant", "Bad Name", "--scope", "jobs:read"], "invalid tenant name"),
+        (["keys", "create", "--tenant", "t", "--scope", "jobs:delete"], "unknown scope(s) jobs:delete"),
+        (["tenants", "set", "default", "--submit-rate", "fast"], "is not a number"),
+        (["tenants", "set", "default", "--submit-burst", "0"], "below the minimum"),
+    ],
+)
+def test_cli_rejects_bad_input_with_a_clear_message(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.usefixtures("database")
+def test_cli_manages_tenants_and_lists_keys_without_secrets() -> None:
+    name = "cli-tenant"
+    assert run_cli("tenants", "create", name).returncode == 0
+    assert run_cli("tenants", "create", name).returncode == 1
+    created = run_cli("keys", "create", "--tenant", name, "--scope", "jobs:read", "--description", "ci bot")
+    assert created.returncode == 0
+    key = created.stdout.strip()
+    listed = run_cli("keys", "list", "--tenant", name)
+    assert key[:12] in listed.stdout
+    assert key not in listed.stdout
+    assert "ci bot" in listed.stdout
+    assert run_cli("tenants", "set", name, "--max-active-jobs", "7", "--submit-rate", "2.5").returncode == 0
+    tenants = run_cli("tenants", "list").stdout
+    row = next(line for line in tenants.splitlines() if line.startswith(name))
+    assert row.split()[1:] == ["7", "2.5", "200*"]
+    assert run_cli("tenants", "set", "nobody-here", "--max-active-jobs", "1").returncode == 1
+
+
+def test_cli_reports_an_unreachable_database_in_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "keys", "list"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**__import__("os").environ, "CONVEYOR_DATABASE_URL": "postgresql://u:hunter2@127.0.0.1:1/x"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot reach Postgres" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert "Traceback" not in result.stderr
