@@ -19,6 +19,8 @@ preload_app = False
 # Below Kubernetes' default 30 s grace period, so in-flight requests finish on SIGTERM.
 graceful_timeout = 20
 timeout = 30
+# Long filter URLs are legitimate; 8190 is gunicorn's maximum (its default is 4094).
+limit_request_line = 8190
 keepalive = 5
 accesslog = "-"
 errorlog = "-"

@@ -26,9 +26,50 @@ LABEL_KEY = validate.Regexp(
 LABEL_VALUE = validate.Length(max=256)
 
 
+NUL_MESSAGE = "Text may not contain the NUL character (\\u0000): Postgres cannot store it."
+NO_NUL = validate.Regexp(r"[^\x00]*\Z", error=NUL_MESSAGE)
+
+
+def nul_path(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where in a JSON value a string (or an object key) holds a NUL character; None if nowhere."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    items: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return (*path, key)
+            items.append((key, item))
+    elif isinstance(value, list):
+        items = [(str(index), item) for index, item in enumerate(value)]
+    for key, item in items:
+        found = nul_path(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _nested(path: tuple[str, ...], message: str) -> Any:
+    tree: Any = [message]
+    for key in reversed(path):
+        tree = {key: tree}
+    return tree
+
+
 class StrictSchema(ma.Schema):
     class Meta:
         unknown = ma.RAISE
+
+
+class UtcDateTime(fields.AwareDateTime):
+    """An ISO 8601 time with an offset, converted to UTC (Postgres refuses offsets beyond ±15:59)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
+        parsed = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            raise ma.ValidationError("Not a valid time: out of range.") from None
 
 
 class JobCreateSchema(StrictSchema):
@@ -52,7 +93,7 @@ class JobCreateSchema(StrictSchema):
         validate=validate.Range(0, MAX_DELAY_SECONDS),
         metadata={"description": "Run no earlier than this many seconds from now. Excludes `run_at`."},
     )
-    run_at = fields.AwareDateTime(
+    run_at = UtcDateTime(
         metadata={"description": "Run no earlier than this time (with a timezone). Excludes `delay_seconds`."}
     )
     max_attempts = fields.Integer(
@@ -95,6 +136,10 @@ class JobCreateSchema(StrictSchema):
                 data["payload"] = job_type.load_payload(data["payload"])
             except ma.ValidationError as exc:
                 raise ma.ValidationError({"payload": exc.messages}) from exc
+        for name in ("payload", "labels"):
+            path = nul_path(data.get(name))
+            if path is not None:
+                raise ma.ValidationError(_nested(path, NUL_MESSAGE), name)
 
     @ma.post_load
     def _to_new_job(self, data: dict[str, Any], **_: Any) -> NewJob:
@@ -137,14 +182,14 @@ class JobSchema(StrictSchema):
     )
     max_attempts = fields.Integer(strict=True, required=True)
     timeout_seconds = fields.Integer(strict=True, required=True)
-    run_at = fields.AwareDateTime(
+    run_at = UtcDateTime(
         required=True, metadata={"description": "When the next (or current) attempt may start."}
     )
     labels = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
-    created_at = fields.AwareDateTime(required=True)
-    started_at = fields.AwareDateTime(allow_none=True, required=True)
-    finished_at = fields.AwareDateTime(allow_none=True, required=True)
-    updated_at = fields.AwareDateTime(required=True)
+    created_at = UtcDateTime(required=True)
+    started_at = UtcDateTime(allow_none=True, required=True)
+    finished_at = UtcDateTime(allow_none=True, required=True)
+    updated_at = UtcDateTime(required=True)
     result = fields.Raw(
         allow_none=True, required=True, metadata={"description": "The handler's JSON result."}
     )
@@ -192,13 +237,17 @@ class JobListQuerySchema(StrictSchema):
     status = fields.List(
         fields.Enum(JobStatus, by_value=True), metadata={"description": "Repeat to match any of several."}
     )
-    type = fields.List(fields.String(validate=validate.Length(1, 100)))
+    type = fields.List(fields.String(validate=[validate.Length(1, 100), NO_NUL]))
     label = fields.List(
-        fields.String(validate=validate.Regexp(r"^[^:]+:.*$", error="Use label=key:value.")),
+        fields.String(
+            validate=validate.Regexp(
+                r"[^:\x00]+:[^\x00]*\Z", error="Use label=key:value (no NUL characters)."
+            )
+        ),
         metadata={"description": "`key:value`; repeat to require several labels."},
     )
-    created_after = fields.AwareDateTime(metadata={"description": "Created at or after this time."})
-    created_before = fields.AwareDateTime(metadata={"description": "Created before this time."})
+    created_after = UtcDateTime(metadata={"description": "Created at or after this time."})
+    created_before = UtcDateTime(metadata={"description": "Created before this time."})
     tenant = fields.String(
         validate=validate.Regexp(TENANT_NAME.pattern + r"\Z"),
         metadata={"description": "Admin keys only: list this tenant's jobs (default: every tenant's)."},

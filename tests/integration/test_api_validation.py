@@ -114,6 +114,18 @@ class TestRejectedSubmissions:
         body = problem(post(client, {"type": "noop", "labels": {"team": 7}}), 422, "validation-error")
         assert body["errors"][0]["pointer"].startswith("/labels")
 
+    def test_nul_characters_are_422_not_a_database_error(self, client: FlaskClient) -> None:
+        body = problem(post(client, {"type": "noop", "labels": {"a": "x\u0000y"}}), 422, "validation-error")
+        assert [e["pointer"] for e in body["errors"]] == ["/labels/a"]
+        listed = problem(client.get("/v1/jobs?label=a:%00&type=%00"), 422, "validation-error")
+        assert {e["parameter"] for e in listed["errors"]} == {"label", "type"}
+
+    def test_extreme_time_offsets_are_normalised_not_a_database_error(self, client: FlaskClient) -> None:
+        response = client.get(
+            "/v1/jobs?created_after=2020-01-01T00:00:00-23:31&created_before=0001-01-01T00:00:00%2B01:00"
+        )
+        assert response.status_code in (200, 422), response.get_data(as_text=True)
+
     def test_non_object_body_is_422(self, client: FlaskClient) -> None:
         problem(post(client, ["noop"]), 422, "validation-error")
 

@@ -102,7 +102,13 @@ def test_run_at_with_a_timezone_is_kept() -> None:
     job = submit({"type": "noop", "run_at": f"{year}-01-02T03:04:05+02:00"})
     assert job.run_at == datetime(year, 1, 2, 1, 4, 5, tzinfo=UTC)
     assert job.run_at is not None
-    assert job.run_at.utcoffset() == timedelta(hours=2)
+    assert job.run_at.utcoffset() == timedelta(0), "normalised to UTC"
+
+
+def test_offsets_postgres_cannot_store_are_normalised_to_utc() -> None:
+    year = datetime.now(UTC).year + 1
+    job = submit({"type": "noop", "run_at": f"{year}-01-02T03:04:05-23:31"})
+    assert job.run_at == datetime(year, 1, 3, 2, 35, 5, tzinfo=UTC)
 
 
 def test_run_at_more_than_a_year_ahead_is_rejected() -> None:
