@@ -11,10 +11,12 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.common import xq_name
 from dramatiq.errors import DramatiqError
 
 from shared.errors import BrokerUnavailable
@@ -49,13 +51,25 @@ def url_with_defaults(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
+class ConveyorBroker(RabbitmqBroker):
+    """dramatiq's RabbitMQ broker with Conveyor's queue arguments.
+
+    The one difference from dramatiq: dead-letter queues (``Q.XQ``) are declared without dramatiq's
+    7-day ``x-message-ttl``, so RabbitMQ never drops a dead letter on its own; the relay files each
+    one in Postgres (see ``worker_service/dead_letters.py``) and only an operator removes it.
+    """
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        return self.channel.queue_declare(queue=xq_name(queue_name), durable=True)
+
+
 def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] = ()) -> RabbitmqBroker:
     """A dramatiq broker with publisher confirms and Conveyor's queue arguments.
 
     ``middleware`` replaces dramatiq's defaults entirely: Conveyor does retries, time limits and
     dead-lettering itself, against Postgres.
     """
-    return RabbitmqBroker(
+    return ConveyorBroker(
         url=url_with_defaults(settings.broker_url),
         confirm_delivery=True,
         max_priority=MAX_PRIORITY,
