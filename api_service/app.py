@@ -9,7 +9,7 @@ from flask import Flask, Response, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
-from api_service import auth, health, jobs, metrics, problems
+from api_service import auth, dead_letters, health, jobs, metrics, problems, queues
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem
 from shared.broker import Publisher, create_broker
@@ -73,11 +73,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     api = ConveyorApi(app)
     api.spec.components.security_scheme("bearerAuth", auth.SECURITY_SCHEME)
     api.register_blueprint(jobs.blp)
+    api.register_blueprint(dead_letters.blp)
+    api.register_blueprint(queues.blp)
     api.register_blueprint(health.blp)
     problems.register(app)
     metrics.register(app)
-    app.before_request(_check_request_body)
+    # Authentication first: a caller without a valid key learns nothing, not even about its body.
     app.before_request(auth.authenticate_request)
+    app.before_request(_check_request_body)
     app.after_request(_security_headers)
     with app.app_context():
         auth.warn_if_unauthenticated()

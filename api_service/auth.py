@@ -33,7 +33,6 @@ REALM = 'Bearer realm="conveyor"'
 _REQUIRED_SCOPE = "_conveyor_required_scope"
 #: Longest Authorization header worth looking at; anything longer is not a Conveyor key.
 _MAX_AUTHORIZATION = 200
-OPEN_PREFIXES = ("/healthz", "/readyz", "/openapi.json", "/docs", "/problems/", "/metrics")
 
 #: The OpenAPI security requirement of every /v1 operation.
 SECURITY_SCHEME = {
@@ -92,14 +91,12 @@ def _authenticate() -> tuple[Principal, TenantLimits]:
     svc = services()
     defaults = default_limits()
     if svc.settings.auth == "none":
-        tenant = svc.db.run(lambda cur: tenant_store.get_tenant(cur, "default"), transaction=False)
+        tenant = svc.db.read(lambda cur: tenant_store.get_tenant(cur, "default"))
         limits = tenant.limits(defaults) if tenant else defaults
         return Principal("default", frozenset(Scope), None), limits
     key = _bearer_token()
     prefix = key_prefix(key)
-    found = (
-        svc.db.run(lambda cur: key_store.lookup_active(cur, prefix), transaction=False) if prefix else None
-    )
+    found = svc.db.read(lambda cur: key_store.lookup_active(cur, prefix)) if prefix else None
     if found is None or not key_matches(key, found.secret_sha256):
         raise _unauthorized("The API key is not valid (unknown, revoked or malformed).", invalid=True)
     return Principal(found.tenant.name, found.scopes, prefix), found.tenant.limits(defaults)

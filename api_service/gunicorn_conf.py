@@ -1,7 +1,7 @@
 """gunicorn settings, taken from Conveyor's settings so there is one place to configure the API."""
 
+import glob
 import os
-import shutil
 import tempfile
 from typing import Any
 
@@ -25,6 +25,9 @@ keepalive = 5
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+# gunicorn 27's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl), shared by every
+# server on the host; Conveyor does not use it.
+control_socket_disable = True
 
 # Prometheus multiprocess mode: every worker writes its samples here and /metrics merges them. One
 # directory per bind address, so two servers on one host never mix their files; emptied at start so
@@ -36,8 +39,10 @@ _metrics_dir = os.environ.setdefault(
 
 
 def on_starting(server: Any) -> None:
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    """Empty the multiprocess directory of prometheus_client's files only (never anything else in it)."""
     os.makedirs(_metrics_dir, exist_ok=True)
+    for leftover in glob.glob(os.path.join(_metrics_dir, "*.db")):
+        os.remove(leftover)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -39,7 +39,7 @@ def readyz() -> dict[str, Any]:
     svc = services()
     checks: dict[str, str] = {}
     try:
-        svc.db.run(lambda cur: cur.execute("SELECT 1"), transaction=False)
+        svc.db.read(lambda cur: cur.execute("SELECT 1"))
         checks["postgres"] = "ok"
     except StoreUnavailable as exc:
         checks["postgres"] = str(exc)

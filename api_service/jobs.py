@@ -109,7 +109,7 @@ class Jobs(MethodView):
             created_before=query.get("created_before"),
             after=query.get("cursor"),
         )
-        jobs = services().db.run(lambda cur: job_store.list_jobs(cur, filters, limit + 1), transaction=False)
+        jobs = services().db.read(lambda cur: job_store.list_jobs(cur, filters, limit + 1))
         next_cursor = (
             encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id) if len(jobs) > limit else None
         )
@@ -136,14 +136,73 @@ class JobById(MethodView):
         The job's status, attempts, progress, and once finished its result or error. Another
         tenant's job is reported as not found.
         """
-        principal = current_principal()
-        tenant = None if principal.is_admin else principal.tenant
-        job = services().db.run(lambda cur: job_store.get_job(cur, job_id, tenant), transaction=False)
+        tenant = _own_tenant()
+        job = services().db.read(lambda cur: job_store.get_job(cur, job_id, tenant))
         if job is None:
             raise JobNotFound(f"No job has the id {job_id}.")
         if job.is_finished:
             return job
         return job, 200, {"Retry-After": str(poll_hint_seconds(job))}
+
+
+@blp.route("/<uuid:job_id>/cancel", endpoint="cancel_job")
+class CancelJob(MethodView):
+    @requires(Scope.JOBS_WRITE)
+    @blp.response(200, JobSchema, description="The job is cancelled (now or earlier); it will not run.")
+    @blp.alt_response(
+        202,
+        schema=JobSchema,
+        success=True,
+        description="The job is running: cancellation is requested (`cancel_requested_at`). Its handler "
+        "sees the request and may stop, and it will not be retried.",
+    )
+    @documents_problems(401, 403, 404, 409, 503, descriptions={409: "The job already finished."})
+    def post(self, job_id: uuid.UUID) -> tuple[Job, int]:
+        """Cancel a job
+
+        A queued, scheduled or retrying job becomes `cancelled` and never runs. A running job is marked
+        cancel-requested. Cancelling twice is harmless; cancelling a finished job is a conflict.
+        """
+        tenant = _own_tenant()
+        job = services().db.run(lambda cur: job_store.cancel_job(cur, job_id, tenant))
+        if job is None:
+            raise JobNotFound(f"No job has the id {job_id}.")
+        if job.status is JobStatus.CANCELLED:
+            return job, 200
+        if job.status is JobStatus.RUNNING:
+            return job, 202
+        raise Problem(
+            "illegal-transition", f"The job already {job.status}; a finished job cannot be cancelled."
+        )
+
+
+@blp.route("/<uuid:job_id>/retry", endpoint="retry_job")
+class RetryJob(MethodView):
+    @requires(Scope.JOBS_WRITE)
+    @blp.response(202, JobSchema, description="The job is queued again for a new cycle of attempts.")
+    @documents_problems(401, 403, 404, 409, 503, descriptions={409: "The job is not failed or cancelled."})
+    def post(self, job_id: uuid.UUID) -> tuple[Job, int, dict[str, str]]:
+        """Retry a failed or cancelled job
+
+        Resets its attempts and queues it again; its dead letter goes away. The job runs once, even if
+        the old message is still somewhere: the worker only runs a job it can claim.
+        """
+        tenant = _own_tenant()
+        moved, job = services().db.run(lambda cur: job_store.retry_job(cur, job_id, tenant))
+        if job is None:
+            raise JobNotFound(f"No job has the id {job_id}.")
+        if not moved:
+            raise Problem(
+                "illegal-transition",
+                f"The job is {job.status}; only failed or cancelled jobs can be retried.",
+            )
+        return job, 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
+
+
+def _own_tenant() -> str | None:
+    """The tenant whose jobs the caller may act on; None (any) for an admin."""
+    principal = current_principal()
+    return None if principal.is_admin else principal.tenant
 
 
 def _listing_tenant(requested: str | None) -> str | None:

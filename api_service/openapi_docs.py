@@ -47,8 +47,9 @@ _RETRY_AFTER = {
 }
 
 
-def documents_problems(*statuses: int) -> Callable[[F], F]:
-    """Document the problem+json responses an operation can give."""
+def documents_problems(*statuses: int, descriptions: dict[int, str] | None = None) -> Callable[[F], F]:
+    """Document the problem+json responses an operation can give (``descriptions`` overrides the usual)."""
+    texts = {**_DESCRIPTIONS, **(descriptions or {})}
 
     def decorate(view: F) -> F:
         for status in statuses:
@@ -57,7 +58,7 @@ def documents_problems(*statuses: int) -> Callable[[F], F]:
                 status,
                 schema=ProblemSchema,
                 content_type=MEDIA_TYPE,
-                description=_DESCRIPTIONS[status],
+                description=texts[status],
                 headers=_RETRY_AFTER if status in (409, 429, 503) else None,
             )(view)
         return view

@@ -137,6 +137,11 @@ def problem_response(
     return response
 
 
+def invalid(**error: str) -> Problem:
+    """A 422 validation problem with one error: ``invalid(pointer="/all", detail="...")``."""
+    return Problem("validation-error", "The request is invalid; see `errors`.", errors=[error])
+
+
 # --- translating exceptions -------------------------------------------------------------------------
 
 #: Seconds a client should wait before retrying after a 503 or a 409 in-flight conflict.

@@ -195,6 +195,11 @@ class JobSchema(StrictSchema):
     )
     error = fields.Nested(JobErrorSchema, allow_none=True, required=True)
     progress = fields.Nested(JobProgressSchema, allow_none=True, required=True)
+    cancel_requested_at = UtcDateTime(
+        allow_none=True,
+        required=True,
+        metadata={"description": "When cancellation of the running job was requested; null if never."},
+    )
 
 
 class JobPageSchema(StrictSchema):

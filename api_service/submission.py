@@ -61,7 +61,7 @@ def submit_job(
     idempotent: IdempotentRequest | None = None,
 ) -> Submission:
     if idempotent is not None:
-        replay = db.run(lambda cur: _stored_response(cur, tenant, idempotent), transaction=False)
+        replay = db.read(lambda cur: _stored_response(cur, tenant, idempotent))
         if replay is not None:
             return replay
     rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits))

@@ -1,6 +1,6 @@
 """API keys and scopes. Pure: generating, parsing and hashing keys, and what each scope allows.
 
-A key looks like ``cvk_3hx7q2mf_Zb1...`` (51 characters): ``cvk_`` marks it as a Conveyor key (so
+A key looks like ``cvk_3hx7q2mf_Zb1...`` (56 characters): ``cvk_`` marks it as a Conveyor key (so
 secret scanners can find leaked ones), the next 8 characters are its public *prefix* (shown by
 ``conveyor keys list``, used to find the key's row), and the rest is 32 random bytes. Only the sha256 of
 the whole key is stored; with 256 random bits, an unsalted fast hash is as strong as the key itself.

@@ -6,17 +6,22 @@ queues with identical arguments (RabbitMQ refuses a queue re-declared with diffe
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.common import xq_name
+from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DramatiqError
 
 from shared.errors import BrokerUnavailable
@@ -51,16 +56,65 @@ def url_with_defaults(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
-class ConveyorBroker(RabbitmqBroker):
-    """dramatiq's RabbitMQ broker with Conveyor's queue arguments.
+@dataclass(frozen=True)
+class QueueArguments:
+    """The ``x-`` arguments of the three RabbitMQ queues behind one Conveyor queue ``Q``."""
 
-    The one difference from dramatiq: dead-letter queues (``Q.XQ``) are declared without dramatiq's
-    7-day ``x-message-ttl``, so RabbitMQ never drops a dead letter on its own; the relay files each
-    one in Postgres (see ``worker_service/dead_letters.py``) and only an operator removes it.
+    queue: dict[str, Any]  # Q: the jobs
+    delay_queue: dict[str, Any]  # Q.DQ: dramatiq's delay queue, which Conveyor never publishes to
+    dead_letter_queue: dict[str, Any]  # Q.XQ: the dead letters
+
+
+def queue_arguments(queue_name: str, queue_type: str, delivery_limit: int) -> QueueArguments:
+    """How Conveyor declares ``queue_name`` for ``CONVEYOR_QUEUE_TYPE`` (classic or quorum).
+
+    Classic: dramatiq's arguments (dead-lettering to Q.XQ, priorities 0-9), except that Q.XQ has no
+    ``x-message-ttl``. Quorum: no ``x-max-priority`` (RabbitMQ refuses it on a quorum queue), and a
+    delivery limit on Q only. Q.DQ gets no limit at all: RabbitMQ 4 reads -1 as "unlimited", but 3.x
+    dead-letters a message on its first return when the limit is -1 (checked on 3.10.8).
+    """
+    dead_letter = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue_name)}
+    if queue_type == "classic":
+        classic = {**dead_letter, "x-max-priority": MAX_PRIORITY}
+        return QueueArguments(queue=classic, delay_queue=dict(classic), dead_letter_queue={})
+    if queue_type != "quorum":
+        raise ValueError(f"unknown queue type {queue_type!r}")
+    quorum = {"x-queue-type": "quorum"}
+    return QueueArguments(
+        queue={**quorum, **dead_letter, "x-delivery-limit": delivery_limit},
+        delay_queue={**quorum, **dead_letter},
+        dead_letter_queue=dict(quorum),
+    )
+
+
+class ConveyorBroker(RabbitmqBroker):
+    """dramatiq's RabbitMQ broker, declaring its queues with ``queue_arguments``.
+
+    Two differences from dramatiq: dead-letter queues (``Q.XQ``) are declared without dramatiq's 7-day
+    ``x-message-ttl``, so RabbitMQ never drops a dead letter on its own; the relay files each one in
+    Postgres (see ``worker_service/dead_letters.py``) and only an operator removes it. And the queues
+    can be quorum queues (``CONVEYOR_QUEUE_TYPE``), which dramatiq itself cannot declare.
     """
 
+    def __init__(self, *, queue_type: str, delivery_limit: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.queue_type = queue_type
+        self.delivery_limit = delivery_limit
+
+    def _arguments(self, queue_name: str) -> QueueArguments:
+        return queue_arguments(queue_name, self.queue_type, self.delivery_limit)
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        arguments = self._arguments(queue_name).queue
+        return self.channel.queue_declare(queue=queue_name, durable=True, arguments=arguments)
+
+    def _declare_dq_queue(self, queue_name: str) -> Any:
+        arguments = self._arguments(queue_name).delay_queue
+        return self.channel.queue_declare(queue=dq_name(queue_name), durable=True, arguments=arguments)
+
     def _declare_xq_queue(self, queue_name: str) -> Any:
-        return self.channel.queue_declare(queue=xq_name(queue_name), durable=True)
+        arguments = self._arguments(queue_name).dead_letter_queue
+        return self.channel.queue_declare(queue=xq_name(queue_name), durable=True, arguments=arguments)
 
 
 def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] = ()) -> RabbitmqBroker:
@@ -72,7 +126,8 @@ def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] 
     return ConveyorBroker(
         url=url_with_defaults(settings.broker_url),
         confirm_delivery=True,
-        max_priority=MAX_PRIORITY,
+        queue_type=settings.queue_type,
+        delivery_limit=settings.queue_delivery_limit,
         middleware=list(middleware),
     )
 
@@ -141,3 +196,115 @@ def check_broker(settings: Settings) -> None:
     except (pika.exceptions.AMQPError, OSError) as exc:
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
     connection.close()
+
+
+@dataclass(frozen=True)
+class DeadMessage:
+    """A message taken (not yet acknowledged) from a dead-letter queue."""
+
+    body: bytes
+    #: Why RabbitMQ dead-lettered it (``rejected``, ``delivery_limit``, ``expired``...), from x-death.
+    death_reason: str
+    delivery_tag: int
+
+
+class DeadLetterReader:
+    """Takes messages from the queues' ``.XQ`` so the relay can file them in Postgres, then acks them.
+
+    Messages taken but not acked (the relay died, Postgres was down) go back to the queue when the
+    channel closes, so filing is at-least-once; the store deduplicates.
+    """
+
+    def __init__(self, broker: RabbitmqBroker) -> None:
+        self._broker = broker
+
+    def take(self, queue_name: str, limit: int) -> list[DeadMessage]:
+        """Up to ``limit`` messages from ``queue_name``'s dead-letter queue (declared if missing)."""
+        try:
+            self._broker.declare_queue(queue_name, ensure=True)
+            channel = self._broker.channel
+            taken = []
+            for _ in range(limit):
+                method, properties, body = channel.basic_get(queue=xq_name(queue_name), auto_ack=False)
+                if method is None:
+                    break
+                deaths = (properties.headers or {}).get("x-death") or [{}]
+                reason = str(deaths[0].get("reason", "unknown"))
+                taken.append(DeadMessage(body, reason, method.delivery_tag))
+            return taken
+        except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
+            del self._broker.connection  # start afresh next time; unacked messages are requeued
+            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def ack(self, messages: Sequence[DeadMessage]) -> None:
+        if not messages:
+            return
+        try:
+            self._broker.channel.basic_ack(delivery_tag=max(m.delivery_tag for m in messages), multiple=True)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            del self._broker.connection
+            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    ready: int | None
+    #: Delivered to a consumer and not yet acknowledged; only the management API knows (else None).
+    unacknowledged: int | None
+    consumers: int | None
+    source: str
+
+
+def queue_depth(settings: Settings, queue_name: str) -> QueueDepth:
+    """Depth of one queue: from the management API when configured and reachable, else over AMQP
+    (a passive declare, which knows ready messages and consumers but not unacknowledged ones)."""
+    if settings.rabbitmq_management_url:
+        try:
+            return _depth_from_management(settings, queue_name)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning(
+                "RabbitMQ management API unavailable (%s); falling back to AMQP", type(exc).__name__
+            )
+    return _depth_from_amqp(settings, queue_name)
+
+
+def _depth_from_management(settings: Settings, queue_name: str) -> QueueDepth:
+    amqp = urllib.parse.urlsplit(settings.broker_url)
+    vhost = urllib.parse.unquote(amqp.path.lstrip("/")) or "/"
+    url = (
+        settings.rabbitmq_management_url.rstrip("/")
+        + f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue_name, safe='')}"
+    )
+    request = urllib.request.Request(url)  # noqa: S310 - an operator-configured http(s) URL
+    credentials = (
+        f"{urllib.parse.unquote(amqp.username or 'guest')}:{urllib.parse.unquote(amqp.password or 'guest')}"
+    )
+    request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+            data = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return QueueDepth(0, 0, 0, "management")
+        raise
+    return QueueDepth(
+        ready=data.get("messages_ready"),
+        unacknowledged=data.get("messages_unacknowledged"),
+        consumers=data.get("consumers"),
+        source="management",
+    )
+
+
+def _depth_from_amqp(settings: Settings, queue_name: str) -> QueueDepth:
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(url_with_defaults(settings.broker_url)))
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        frame = connection.channel().queue_declare(queue=queue_name, passive=True)
+        return QueueDepth(frame.method.message_count, None, frame.method.consumer_count, "amqp")
+    except pika.exceptions.ChannelClosedByBroker:
+        return QueueDepth(0, None, 0, "amqp")  # not declared yet: nothing was ever sent to it
+    finally:
+        if connection.is_open:
+            connection.close()

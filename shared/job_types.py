@@ -85,8 +85,9 @@ REGISTRY: dict[str, JobType] = _registry(
     JobType(
         name="demo.sleep",
         description=(
-            "Sleeps, reporting progress every second, then fails its first `fail_attempts` attempts "
-            "(with a retryable error, or a fatal one if `fatal`) before succeeding. For demos and tests."
+            "Sleeps, reporting progress every second and stopping early if cancelled, then fails its "
+            "first `fail_attempts` attempts (with a retryable error, or a fatal one if `fatal`) before "
+            "succeeding. For demos and tests."
         ),
         payload_fields={
             "seconds": fields.Float(
@@ -103,6 +104,14 @@ REGISTRY: dict[str, JobType] = _registry(
             "fatal": fields.Boolean(
                 load_default=False,
                 metadata={"description": "Fail with a non-retryable error (the job fails at once)."},
+            ),
+            "crash": fields.Boolean(
+                load_default=False,
+                metadata={
+                    "description": "Kill the worker process (SIGKILL) on every attempt, like a segfault or "
+                    "an OOM kill would. Only when the worker runs with CONVEYOR_DEMO_CRASH_ENABLED=true; "
+                    "otherwise the job fails at once."
+                },
             ),
         },
         max_attempts=3,

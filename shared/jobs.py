@@ -3,10 +3,13 @@
 Status model::
 
     queued ──► running ──► succeeded
-                 │  ▲
-                 │  └──── retrying ◄──┐
-                 ├────────────────────┘   (a retryable error, or a lost worker, with attempts left)
-                 └──► failed              (fatal error, or attempts exhausted)
+      ▲  │       │  ▲
+      │  │       │  └──── retrying ◄──┐
+      │  │       ├────────────────────┘   (a retryable error, or a lost worker, with attempts left)
+      │  │       ├──► failed              (fatal error, or attempts exhausted) ──┐
+      │  │       └──► cancelled           (the handler honoured a cancel request) │
+      │  └─────────► cancelled            (cancelled while queued or retrying)    │
+      └──────────────────────────────────── retry / dead-letter replay ◄─────────┘ (from failed or cancelled)
 
 ``TRANSITIONS`` is the only definition of what may follow what. The store derives its SQL guards from
 it, and ``conveyor migrate`` copies it into the ``job_status_transitions`` table that a trigger checks
@@ -32,6 +35,7 @@ class JobStatus(enum.StrEnum):
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 #: The status every new job starts in.
@@ -45,10 +49,23 @@ TRANSITIONS: frozenset[tuple[JobStatus, JobStatus]] = frozenset(
         (JobStatus.RUNNING, JobStatus.RETRYING),
         (JobStatus.RUNNING, JobStatus.FAILED),
         (JobStatus.RETRYING, JobStatus.RUNNING),
+        (JobStatus.QUEUED, JobStatus.CANCELLED),
+        (JobStatus.RETRYING, JobStatus.CANCELLED),
+        (JobStatus.RUNNING, JobStatus.CANCELLED),
+        (JobStatus.FAILED, JobStatus.QUEUED),
+        (JobStatus.CANCELLED, JobStatus.QUEUED),
     }
 )
 
-TERMINAL_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED})
+TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+#: Cancelled at once by the API. A running job only gets a cancel *request*, which its handler may honour.
+CANCELLABLE_AT_ONCE: tuple[JobStatus, ...] = (JobStatus.QUEUED, JobStatus.RETRYING)
+
+#: What an operator may send round again (POST /v1/jobs/{id}/retry, dead-letter replay).
+RETRYABLE_BY_OPERATOR: tuple[JobStatus, ...] = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def can_transition(current: JobStatus, new: JobStatus) -> bool:
@@ -143,6 +160,7 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    cancel_requested_at: datetime | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -74,6 +74,13 @@ class Settings:
         "conveyor.",
         "Prefix of every queue Conveyor declares, so it can share a vhost with other applications.",
     )
+    rabbitmq_management_url: str = setting(
+        "CONVEYOR_RABBITMQ_MANAGEMENT_URL",
+        "http://127.0.0.1:15672",
+        "RabbitMQ's management API, for the unacknowledged counts of `GET /v1/queues` (it uses the "
+        "broker URL's user and password). Empty, or unreachable: the counts come over AMQP, without "
+        "unacknowledged messages.",
+    )
     publish_backoff_seconds: float = setting(
         "CONVEYOR_PUBLISH_BACKOFF_SECONDS",
         5.0,
@@ -196,6 +203,12 @@ class Settings:
         "consumer_timeout never applies to them; 10 min keeps retries timely.",
         minimum=0,
     )
+    demo_crash_enabled: bool = setting(
+        "CONVEYOR_DEMO_CRASH_ENABLED",
+        False,
+        "Let `demo.sleep` jobs with `crash: true` SIGKILL their worker process (to rehearse poison "
+        "messages). Off by default: with it on, anyone who may submit jobs can kill workers.",
+    )
     # --- Relay ----------------------------------------------------------------------------------
     relay_poll_seconds: float = setting(
         "CONVEYOR_RELAY_POLL_SECONDS",
@@ -214,6 +227,34 @@ class Settings:
         "How long the relay leaves a fresh outbox row to the API that wrote it before publishing it "
         "itself. The API normally publishes within milliseconds.",
         minimum=0.1,
+    )
+    # --- High availability and probes ---------------------------------------------------------
+    queue_type: str = setting(
+        "CONVEYOR_QUEUE_TYPE",
+        "classic",
+        "`classic`: single-node queues with job priorities 0-9. `quorum`: replicated queues for a "
+        "RabbitMQ cluster, which survive the loss of a minority of its nodes; job priority then has no "
+        "effect on RabbitMQ 3.x (4.x knows two levels: 5-9 before 0-4). Every process must use the same "
+        "value, and an existing queue cannot change type: switch with a new CONVEYOR_QUEUE_PREFIX, or "
+        "drain and delete the old queues (docs/deploy.md).",
+        choices=("classic", "quorum"),
+    )
+    queue_delivery_limit: int = setting(
+        "CONVEYOR_QUEUE_DELIVERY_LIMIT",
+        20,
+        "Quorum queues only: how often a message may come back unacknowledged (its worker died or "
+        "stopped holding it) before RabbitMQ dead-letters it to `.XQ`. Conveyor's claims already turn "
+        "copies of a started job into no-ops and its leases count lost attempts, so the limit only stops "
+        "a message that kills every worker before its claim commits; 20, RabbitMQ 4's default, leaves "
+        "room for many restarts of workers holding prefetched messages.",
+        minimum=1,
+    )
+    worker_heartbeat_file: str = setting(
+        "CONVEYOR_WORKER_HEARTBEAT_FILE",
+        "",
+        "If set, every worker process touches `<this path>.<pid>` every third of "
+        "CONVEYOR_JOB_LEASE_SECONDS, and `conveyor worker-alive` (a liveness probe) fails when one of "
+        "them goes stale. Empty: no heartbeat. Containers use /tmp/conveyor-worker-heartbeat.",
     )
     # --- Logging --------------------------------------------------------------------------------
     log_level: str = setting("CONVEYOR_LOG_LEVEL", "INFO", "Python log level of every process.")

@@ -34,7 +34,9 @@ class WorkerRuntime(dramatiq.Middleware):
     def __init__(self) -> None:
         self.settings = get_settings()
         self.db = Database(self.settings, application_name="conveyor-worker")
-        self.leases = LeaseKeeper(self.db, self.settings.job_lease_seconds)
+        self.leases = LeaseKeeper(
+            self.db, self.settings.job_lease_seconds, heartbeat_file=self.settings.worker_heartbeat_file
+        )
         self.deadlines = DeadlineMonitor()
         self.executor = Executor(self.settings, self.db, self.leases, self.deadlines)
 

@@ -34,7 +34,7 @@ from shared.store import jobs as job_store
 from shared.store.db import Cursor
 from worker_service.context import JobContext
 from worker_service.deadlines import DeadlineMonitor
-from worker_service.errors import FatalJobError, JobTimeout
+from worker_service.errors import FatalJobError, JobCancelled, JobTimeout
 from worker_service.leases import LeaseKeeper
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Outcome:
     result: Any = None
     error: JobError | None = None
     retryable: bool = False
+    cancelled: bool = False
 
 
 class Executor:
@@ -102,6 +103,8 @@ class Executor:
         recorded = self._record(job, outcome)
         if not recorded:
             logger.warning("outcome discarded: the attempt was taken over after its lease lapsed", extra=log)
+        elif outcome.cancelled:
+            logger.info("job cancelled by its handler on request", extra=log)
         elif outcome.error is None:
             logger.info("job succeeded", extra=log)
         elif outcome.retryable and job.attempts < job.max_attempts:
@@ -120,6 +123,7 @@ class Executor:
             labels=job.labels,
             deadline=deadline,
             _report=lambda percent, text: self._report_progress(job, percent, text),
+            _cancel_requested=lambda: self._leases.cancel_requested(job.id),
         )
         self._leases.track(job.id, job.attempts, deadline)
         try:
@@ -129,6 +133,8 @@ class Executor:
             except JobTimeout:
                 return _failure(job, "JobTimeout", "The attempt exceeded its timeout",
                                 f"Still running after {job.timeout_seconds} s.", retryable=True)  # fmt: skip
+            except JobCancelled:
+                return Outcome(cancelled=True)
             except FatalJobError as exc:
                 return _failure(job, _error_type(exc), "The handler reported a permanent failure",
                                 str(exc), retryable=False)  # fmt: skip
@@ -150,6 +156,8 @@ class Executor:
 
     def _record(self, job: Job, outcome: Outcome) -> bool:
         error = outcome.error
+        if outcome.cancelled:
+            return self._with_db(lambda cur: job_store.record_cancelled(cur, job))
         if error is None:
             return self._with_db(lambda cur: job_store.record_success(cur, job, outcome.result))
         if outcome.retryable and job.attempts < job.max_attempts:
@@ -162,7 +170,8 @@ class Executor:
     def _report_progress(self, job: Job, percent: float | None, text: str | None) -> None:
         progress = {"percent": percent, "message": text}
         try:
-            self._db.execute(lambda cur: job_store.record_progress(cur, job, progress))
+            if self._db.execute(lambda cur: job_store.record_progress(cur, job, progress)):
+                self._leases.note_cancel_requested(job.id)
         except StoreUnavailable as exc:
             logger.warning("could not record progress: %s", exc, extra={"job_id": job.id})
 

@@ -5,6 +5,10 @@ process renews the leases of all its running jobs in one statement every third o
 dies (SIGKILL, OOM, host lost), renewals stop, the lease lapses and the relay retries or fails the job.
 A job that overruns its timeout by more than a lease (a handler stuck in C code that JobTimeout cannot
 interrupt) stops being renewed too, so it cannot hold its slot forever.
+
+The keeper thread also touches the process's heartbeat file, if one is configured, on every round
+(``shared/heartbeat.py``): a liveness probe then sees a frozen process, or a keeper that stopped, as a
+stale file.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from shared import heartbeat
 from shared.errors import StoreUnavailable
 from shared.store import Database
 from shared.store import jobs as job_store
@@ -31,11 +36,14 @@ class RunningAttempt:
 
 
 class LeaseKeeper:
-    def __init__(self, db: Database, lease_seconds: float) -> None:
+    def __init__(self, db: Database, lease_seconds: float, *, heartbeat_file: str = "") -> None:
         self._db = db
         self._lease = lease_seconds
+        self._heartbeat_file = heartbeat_file
         self._lock = threading.Lock()
         self._running: dict[uuid.UUID, RunningAttempt] = {}
+        #: Running jobs whose cancellation was requested (learnt at each renewal).
+        self._cancel_requested: set[uuid.UUID] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -46,25 +54,51 @@ class LeaseKeeper:
     def untrack(self, job_id: uuid.UUID) -> None:
         with self._lock:
             self._running.pop(job_id, None)
+            self._cancel_requested.discard(job_id)
+
+    def cancel_requested(self, job_id: uuid.UUID) -> bool:
+        with self._lock:
+            return job_id in self._cancel_requested
+
+    def note_cancel_requested(self, job_id: uuid.UUID) -> None:
+        with self._lock:
+            if job_id in self._running:
+                self._cancel_requested.add(job_id)
 
     def start(self) -> None:
         if self._thread is None:
+            self._beat()
             self._thread = threading.Thread(target=self._renew_forever, name="conveyor-leases", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._heartbeat_file:
+            heartbeat.remove(self._heartbeat_file)
+
+    def _beat(self) -> None:
+        if not self._heartbeat_file or self._stop.is_set():
+            return
+        try:
+            heartbeat.beat(self._heartbeat_file)
+        except OSError as exc:  # the probe will notice; renewing leases matters more
+            logger.warning("could not touch the heartbeat file: %s", exc)
 
     def renew_now(self) -> int:
+        """Renew the leases of this process's running jobs and learn of cancel requests; how many."""
         now = time.monotonic()
         with self._lock:
             due = [(a.job_id, a.attempt) for a in self._running.values() if a.renew_until > now]
         if not due:
             return 0
-        return self._db.execute(lambda cur: job_store.renew_leases(cur, due, self._lease))
+        cancelled = self._db.execute(lambda cur: job_store.renew_leases(cur, due, self._lease))
+        for job_id in cancelled:
+            self.note_cancel_requested(job_id)
+        return len(due)
 
     def _renew_forever(self) -> None:
         while not self._stop.wait(self._lease / 3):
+            self._beat()  # first: a slow Postgres delays the next beat by one renewal at most
             try:
                 self.renew_now()
             except StoreUnavailable as exc:

@@ -6,7 +6,8 @@ Each round it
 2. retries or fails running jobs whose lease lapsed (their worker is gone), but only once Postgres has
    been reachable for a whole lease period: after an outage (or at the relay's start) the workers first
    get the chance to renew the leases they could not renew meanwhile;
-3. every minute, purges a batch of expired idempotency keys.
+3. files what the queues' dead-letter queues hold in Postgres (``worker_service.dead_letters``);
+4. every minute, purges a batch of expired idempotency keys.
 
 Several relays may run at once: rows are leased with ``FOR UPDATE SKIP LOCKED``. A duplicate publish
 (a relay dying between publish and delete) is harmless, because the worker's claim runs a job once.
@@ -24,14 +25,15 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from shared.broker import Publisher, create_broker
-from shared.errors import StoreUnavailable
+from shared.broker import DeadLetterReader, Publisher, create_broker
+from shared.errors import BrokerUnavailable, StoreUnavailable
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
+from worker_service.dead_letters import DeadLetterFiler
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +51,17 @@ class RoundReport:
     failed_publishes: int = 0
     recovered: int = 0
     purged_keys: int = 0
+    dead_letters_filed: int = 0
 
 
 class Relay:
-    def __init__(self, settings: Settings, db: Database, publisher: Publisher) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, publisher: Publisher, filer: DeadLetterFiler | None = None
+    ) -> None:
         self._settings = settings
         self._db = db
         self._publisher = publisher
+        self._filer = filer
         self._next_purge = 0.0
         #: time.monotonic() since when Postgres has answered every round (None: it just failed).
         self._reachable_since: float | None = None
@@ -72,6 +78,11 @@ class Relay:
             self._reachable_since = now
         if now - self._reachable_since >= self._settings.job_lease_seconds:
             self._recover_lapsed(report)
+        if self._filer is not None:
+            try:
+                report.dead_letters_filed = self._filer.file_round()
+            except BrokerUnavailable as exc:
+                logger.warning("could not read the dead-letter queues: %s", exc)
         if time.monotonic() >= self._next_purge:
             report.purged_keys = self._db.execute(lambda cur: key_store.purge_expired(cur, KEY_PURGE_BATCH))
             self._next_purge = time.monotonic() + KEY_PURGE_INTERVAL_SECONDS
@@ -122,6 +133,7 @@ class Relay:
                 report = self.run_round()
             except StoreUnavailable as exc:
                 logger.warning("database unavailable: %s", exc)
+                self._reachable_since = None
                 stop.wait(self._settings.publish_backoff_seconds)
                 continue
             if report.published < self._settings.relay_batch_size:  # a full batch: more may be due
@@ -133,7 +145,9 @@ def main() -> None:
     settings = get_settings()
     configure_logging(settings)
     db = Database(settings, application_name="conveyor-relay")
-    publisher = Publisher(create_broker(settings), settings.queue_prefix, settings.publish_backoff_seconds)
+    broker = create_broker(settings)
+    publisher = Publisher(broker, settings.queue_prefix, settings.publish_backoff_seconds)
+    filer = DeadLetterFiler(settings, db, DeadLetterReader(broker))
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -143,7 +157,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        Relay(settings, db, publisher).run_forever(stop)
+        Relay(settings, db, publisher, filer).run_forever(stop)
     finally:
         publisher.close()
         db.close()

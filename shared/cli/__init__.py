@@ -4,6 +4,7 @@
     conveyor run                     run api + worker + relay in the foreground; Ctrl-C stops all three
     conveyor api | worker | relay    run one process (extra arguments go to gunicorn / dramatiq)
     conveyor settings                print every setting and its current value (secrets hidden)
+    conveyor worker-alive --max-age S   liveness probe: exit 1 if a worker process stopped beating
     conveyor keys create|list|revoke        API keys
     conveyor tenants create|list|set        tenants and their limits
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.cli import admin, processes
+from shared.cli import admin, probes, processes
 from shared.errors import StoreUnavailable
 from shared.logs import configure_logging
 from shared.settings import SettingsError, get_settings
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         sub.set_defaults(process=command)
     admin.add_parsers(commands)
+    probes.add_parsers(commands)
     return parser
 
 

@@ -56,7 +56,7 @@ def keys_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def keys_list(settings: Settings, args: argparse.Namespace) -> int:
-    keys = _db(settings).run(lambda cur: key_store.list_keys(cur, args.tenant), transaction=False)
+    keys = _db(settings).read(lambda cur: key_store.list_keys(cur, args.tenant))
     print(f"{'PREFIX':<14} {'TENANT':<20} {'SCOPES':<30} {'CREATED':<20} {'REVOKED':<20} DESCRIPTION")
     for key in keys:
         revoked = key.revoked_at.strftime("%Y-%m-%d %H:%M") if key.revoked_at else "-"
@@ -86,7 +86,7 @@ def tenants_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def tenants_list(settings: Settings, args: argparse.Namespace) -> int:
-    tenants = _db(settings).run(tenant_store.list_tenants, transaction=False)
+    tenants = _db(settings).read(tenant_store.list_tenants)
     print(f"{'TENANT':<24} {'MAX ACTIVE JOBS':>16} {'SUBMITS/S':>10} {'BURST':>8}")
     for t in tenants:
         print(f"{t.name:<24} {_or_default(t.max_active_jobs, settings.tenant_max_active_jobs):>16} "
@@ -102,7 +102,7 @@ def _or_default(value: object, default: object) -> str:
 def tenants_set(settings: Settings, args: argparse.Namespace) -> int:
     name = _tenant_name(args.name)
     db = _db(settings)
-    tenant = db.run(lambda cur: tenant_store.get_tenant(cur, name), transaction=False)
+    tenant = db.read(lambda cur: tenant_store.get_tenant(cur, name))
     if tenant is None:
         print(f"conveyor tenants set: no tenant {name}", file=sys.stderr)
         return 1

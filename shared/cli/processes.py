@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+from shared import heartbeat
 from shared.errors import StoreUnavailable
 from shared.settings import Settings
 
@@ -61,6 +62,8 @@ def worker_argv(settings: Settings) -> list[str]:
 
 def cmd_worker(settings: Settings, extra: list[str]) -> int:
     """Run the dramatiq worker (extra arguments go to dramatiq, e.g. -Q conveyor.default)."""
+    if settings.worker_heartbeat_file:  # a restarted container must not see the last one's files
+        heartbeat.clear(settings.worker_heartbeat_file)
     _exec([*worker_argv(settings), *extra])
     return 0  # pragma: no cover
 

@@ -88,24 +88,29 @@ class Database:
                         self._idle.append(conn)
             self._slots.release()
 
-    def run(self, work: Callable[[Cursor], T], *, transaction: bool = True) -> T:
+    def run(self, work: Callable[[Cursor], T], *, transaction: bool = True, read_only: bool = False) -> T:
         """Run ``work(cursor)``, by default inside one transaction, and return its result.
 
         If a connection taken from the pool turns out to be dead (Postgres restarted since it was
         last used), the work is retried once on a fresh connection: nothing of it can have been
         committed. Pass ``transaction=False`` for a single statement that commits by itself; it is
-        never retried, because the statement may have run before the connection broke.
+        never retried (the statement may have run before the connection broke) unless it only reads
+        (``read_only=True``, see ``read``).
         """
         for attempt in (1, 2):
             with self._checkout() as (conn, reused):
                 try:
                     return _run_on(conn, work, transaction)
                 except _StaleConnection as stale:
-                    if transaction and reused and attempt == 1:
+                    if (transaction or read_only) and reused and attempt == 1:
                         logger.info("discarding a dead pooled connection: %s", stale.cause)
                         continue
                     raise StoreUnavailable(_describe(stale.cause)) from stale.cause
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def read(self, work: Callable[[Cursor], T]) -> T:
+        """Run statements that only read, without a transaction (retried once on a dead pooled connection)."""
+        return self.run(work, transaction=False, read_only=True)
 
     def execute(self, work: Callable[[Cursor], T]) -> T:
         """Run one statement that commits by itself (one round trip)."""

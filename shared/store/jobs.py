@@ -15,46 +15,38 @@ from datetime import datetime
 from typing import Any
 
 from shared.errors import TooManyActiveJobs
-from shared.jobs import INITIAL_STATUS, WORKER_LOST, Job, JobError, JobStatus, NewJob, sources_of
+from shared.jobs import (
+    CANCELLABLE_AT_ONCE,
+    INITIAL_STATUS,
+    RETRYABLE_BY_OPERATOR,
+    WORKER_LOST,
+    Job,
+    JobError,
+    JobStatus,
+    NewJob,
+    sources_of,
+)
 from shared.messages import Dispatch
 from shared.store.db import Cursor, json_param
 
 _JOB_COLUMNS = (
     "id, tenant, type, queue, status, payload, priority, attempts, max_attempts, timeout_seconds, run_at, "
-    "labels, result, error, progress, created_at, started_at, finished_at, updated_at"
+    "labels, result, error, progress, created_at, started_at, finished_at, updated_at, cancel_requested_at"
 )
 
 #: Retry-After for a tenant at its cap: no telling when its jobs finish, so a short, steady poll.
 TOO_MANY_ACTIVE_RETRY_AFTER = 5
 
-_WIDTH = len(_JOB_COLUMNS.split(", "))
+_COLUMN_NAMES = _JOB_COLUMNS.split(", ")
+_WIDTH = len(_COLUMN_NAMES)
 _CLAIMABLE = [s.value for s in sources_of(JobStatus.RUNNING)]
 
 
 def job_from_row(row: Sequence[Any]) -> Job:
-    (id_, tenant, type_, queue, status, payload, priority, attempts, max_attempts, timeout, run_at, labels,
-     result, error, progress, created_at, started_at, finished_at, updated_at) = row[:_WIDTH]  # fmt: skip
-    return Job(
-        id=id_,
-        tenant=tenant,
-        type=type_,
-        queue=queue,
-        status=JobStatus(status),
-        payload=payload,
-        priority=priority,
-        attempts=attempts,
-        max_attempts=max_attempts,
-        timeout_seconds=timeout,
-        run_at=run_at,
-        labels=labels,
-        result=result,
-        error=error,
-        progress=progress,
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        updated_at=updated_at,
-    )
+    """A Job from a row that starts with ``_JOB_COLUMNS`` (whose names are the Job's field names)."""
+    fields = dict(zip(_COLUMN_NAMES, row[:_WIDTH], strict=True))
+    fields["status"] = JobStatus(fields["status"])
+    return Job(**fields)
 
 
 @dataclass(frozen=True)
@@ -136,7 +128,8 @@ def insert_job(
     row = cur.fetchone()
     if row is None:
         raise TooManyActiveJobs(
-            f"The tenant already has {max_active_jobs} jobs waiting or running; wait for some to finish.",
+            f"The tenant may have at most {max_active_jobs} jobs waiting or running, and has reached that; "
+            "retry once some have finished.",
             retry_after=TOO_MANY_ACTIVE_RETRY_AFTER,
         )
     job = job_from_row(row)
@@ -200,6 +193,86 @@ def list_jobs(cur: Cursor, filters: JobFilter, limit: int) -> list[Job]:
         params,
     )
     return [job_from_row(row) for row in cur.fetchall()]
+
+
+# --- operator actions ------------------------------------------------------------------------------
+
+
+def cancel_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None) -> Job | None:
+    """Cancel a waiting job at once, or mark a running one cancel-requested; None if no such job.
+
+    A finished job is returned unchanged (the caller reports the conflict). Its pending outbox rows go
+    too, so a cancelled job's message is never published again (a copy already in RabbitMQ finds the
+    job cancelled and is dropped by the worker's claim).
+    """
+    cur.execute(
+        f"""
+        WITH changed AS (
+            UPDATE jobs SET
+                status = CASE WHEN status = ANY(%(at_once)s) THEN %(cancelled)s ELSE status END,
+                finished_at = CASE WHEN status = ANY(%(at_once)s) THEN now() ELSE finished_at END,
+                cancel_requested_at = CASE WHEN status = %(running)s
+                                           THEN COALESCE(cancel_requested_at, now())
+                                           ELSE cancel_requested_at END,
+                updated_at = now()
+            WHERE id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
+              AND status IN (%(running)s, %(queued)s, %(retrying)s)
+            RETURNING {_JOB_COLUMNS}
+        ), dropped AS (
+            DELETE FROM outbox WHERE job_id IN (SELECT id FROM changed WHERE status = %(cancelled)s)
+        )
+        SELECT * FROM changed
+        """,  # noqa: S608
+        {
+            "id": job_id,
+            "tenant": tenant,
+            "at_once": [s.value for s in CANCELLABLE_AT_ONCE],
+            "cancelled": JobStatus.CANCELLED.value,
+            "running": JobStatus.RUNNING.value,
+            "queued": JobStatus.QUEUED.value,
+            "retrying": JobStatus.RETRYING.value,
+        },
+    )
+    row = cur.fetchone()
+    return job_from_row(row) if row else get_job(cur, job_id, tenant)
+
+
+def requeue_jobs(cur: Cursor, where: str, params: dict[str, Any]) -> list[uuid.UUID]:
+    """Send failed or cancelled jobs round again: a fresh attempt cycle, a new outbox row.
+
+    ``where`` selects candidate job ids (a fixed SQL fragment over ``jobs``; values in ``params``). Only
+    jobs still failed or cancelled move, each once, whatever runs concurrently: running the same replay
+    twice requeues nothing the second time. Leaving ``failed`` removes the job's dead letter (trigger).
+    """
+    cur.execute(
+        f"""
+        WITH chosen AS (
+            SELECT id FROM jobs WHERE status = ANY(%(retryable)s) AND ({where})
+            FOR UPDATE SKIP LOCKED
+        ), requeued AS (
+            UPDATE jobs SET status = %(queued)s, attempts = 0, run_at = now(), result = NULL,
+                            started_at = NULL, finished_at = NULL, cancel_requested_at = NULL,
+                            progress = NULL, updated_at = now()
+            FROM chosen WHERE jobs.id = chosen.id
+            RETURNING jobs.id, jobs.run_at
+        ), outbox_rows AS (
+            INSERT INTO outbox (job_id, available_at) SELECT id, run_at FROM requeued
+        )
+        SELECT id FROM requeued
+        """,  # noqa: S608 - `where` is one of the store's fixed fragments
+        {**params, "retryable": [s.value for s in RETRYABLE_BY_OPERATOR], "queued": JobStatus.QUEUED.value},
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def retry_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None) -> tuple[bool, Job | None]:
+    """Requeue one failed or cancelled job; (whether it moved, the job as it is now)."""
+    moved = requeue_jobs(
+        cur,
+        "id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)",
+        {"id": job_id, "tenant": tenant},
+    )
+    return bool(moved), get_job(cur, job_id, tenant)
 
 
 # --- the worker's side -----------------------------------------------------------------------------
@@ -275,24 +348,53 @@ def record_success(cur: Cursor, job: Job, result: Any) -> bool:
 
 
 def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -> bool:
-    """Running → retrying, with the next attempt's outbox row due after ``delay_seconds``."""
+    """Running → retrying, with the next attempt's outbox row due after ``delay_seconds``.
+
+    A job whose cancellation was requested meanwhile goes to ``cancelled`` instead: no new attempt.
+    """
     cur.execute(
         f"""
         WITH retried AS (
-            UPDATE jobs SET status = %(retrying)s, error = %(error)s, updated_at = now(),
-                            run_at = now() + %(delay)s * interval '1 second', lease_expires_at = NULL
+            UPDATE jobs SET
+                status = CASE WHEN cancel_requested_at IS NULL THEN %(retrying)s ELSE %(cancelled)s END,
+                finished_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+                error = %(error)s, updated_at = now(),
+                run_at = now() + %(delay)s * interval '1 second', lease_expires_at = NULL
             WHERE {_fence()}
-            RETURNING id, run_at
+            RETURNING id, run_at, status
+        ), outbox_row AS (
+            INSERT INTO outbox (job_id, available_at)
+            SELECT id, run_at FROM retried WHERE status = %(retrying)s
         )
-        INSERT INTO outbox (job_id, available_at) SELECT id, run_at FROM retried
+        SELECT count(*) FROM retried
         """,  # noqa: S608
         {
             "id": job.id,
             "running": JobStatus.RUNNING.value,
             "attempt": job.attempts,
             "retrying": JobStatus.RETRYING.value,
+            "cancelled": JobStatus.CANCELLED.value,
             "error": json_param(error.as_dict()),
             "delay": delay_seconds,
+        },
+    )
+    row = cur.fetchone()
+    return bool(row and row[0] == 1)
+
+
+def record_cancelled(cur: Cursor, job: Job) -> bool:
+    """Running → cancelled: the handler stopped because cancellation was requested."""
+    cur.execute(
+        f"""
+        UPDATE jobs SET status = %(cancelled)s, finished_at = now(), updated_at = now(),
+                        lease_expires_at = NULL
+        WHERE {_fence()}
+        """,  # noqa: S608
+        {
+            "id": job.id,
+            "running": JobStatus.RUNNING.value,
+            "attempt": job.attempts,
+            "cancelled": JobStatus.CANCELLED.value,
         },
     )
     return bool(cur.rowcount == 1)
@@ -318,8 +420,10 @@ def record_failure(cur: Cursor, job: Job, error: JobError) -> bool:
 
 
 def record_progress(cur: Cursor, job: Job, progress: dict[str, Any]) -> bool:
+    """Store progress; returns whether cancellation of the job has been requested."""
     cur.execute(
-        f"UPDATE jobs SET progress = %(progress)s, updated_at = now() WHERE {_fence()}",  # noqa: S608
+        f"UPDATE jobs SET progress = %(progress)s, updated_at = now() WHERE {_fence()}"  # noqa: S608
+        " RETURNING cancel_requested_at IS NOT NULL",
         {
             "id": job.id,
             "running": JobStatus.RUNNING.value,
@@ -327,18 +431,22 @@ def record_progress(cur: Cursor, job: Job, progress: dict[str, Any]) -> bool:
             "progress": json_param(progress),
         },
     )
-    return bool(cur.rowcount == 1)
+    row = cur.fetchone()
+    return bool(row and row[0])
 
 
-def renew_leases(cur: Cursor, running: Sequence[tuple[uuid.UUID, int]], lease_seconds: float) -> int:
-    """Extend the lease of each (job id, attempt) still running; returns how many were extended."""
+def renew_leases(
+    cur: Cursor, running: Sequence[tuple[uuid.UUID, int]], lease_seconds: float
+) -> set[uuid.UUID]:
+    """Extend the lease of each (job id, attempt) still running; returns those asked to cancel."""
     if not running:
-        return 0
+        return set()
     cur.execute(
         """
         UPDATE jobs SET lease_expires_at = now() + %(lease)s * interval '1 second'
         FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS mine(id, attempts)
         WHERE jobs.id = mine.id AND jobs.attempts = mine.attempts AND jobs.status = %(running)s
+        RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL
         """,
         {
             "lease": lease_seconds,
@@ -347,7 +455,7 @@ def renew_leases(cur: Cursor, running: Sequence[tuple[uuid.UUID, int]], lease_se
             "running": JobStatus.RUNNING.value,
         },
     )
-    return int(cur.rowcount)
+    return {job_id for job_id, cancel in cur.fetchall() if cancel}
 
 
 def recover_lapsed_leases(cur: Cursor, *, limit: int, retry_base: float, retry_cap: float) -> list[Job]:
@@ -366,13 +474,15 @@ def recover_lapsed_leases(cur: Cursor, *, limit: int, retry_base: float, retry_c
             FOR UPDATE SKIP LOCKED
         ), moved AS (
             UPDATE jobs SET
-                status = CASE WHEN jobs.attempts < jobs.max_attempts
-                              THEN %(retrying)s ELSE %(failed)s END,
+                status = CASE WHEN jobs.cancel_requested_at IS NOT NULL THEN %(cancelled)s
+                              WHEN jobs.attempts < jobs.max_attempts THEN %(retrying)s
+                              ELSE %(failed)s END,
                 error = jsonb_build_object('type', %(type)s::text, 'title', %(title)s::text,
                                            'detail', %(detail)s::text, 'attempt', jobs.attempts),
                 run_at = now() + least(%(cap)s, %(base)s * 2 ^ least(jobs.attempts - 1, 60))
                                  * interval '1 second',
-                finished_at = CASE WHEN jobs.attempts < jobs.max_attempts THEN NULL ELSE now() END,
+                finished_at = CASE WHEN jobs.attempts < jobs.max_attempts
+                                        AND jobs.cancel_requested_at IS NULL THEN NULL ELSE now() END,
                 lease_expires_at = NULL,
                 updated_at = now()
             FROM lapsed WHERE jobs.id = lapsed.id
@@ -387,6 +497,7 @@ def recover_lapsed_leases(cur: Cursor, *, limit: int, retry_base: float, retry_c
             "running": JobStatus.RUNNING.value,
             "retrying": JobStatus.RETRYING.value,
             "failed": JobStatus.FAILED.value,
+            "cancelled": JobStatus.CANCELLED.value,
             "limit": limit,
             "type": WORKER_LOST.type,
             "title": WORKER_LOST.title,
@@ -396,3 +507,39 @@ def recover_lapsed_leases(cur: Cursor, *, limit: int, retry_base: float, retry_c
         },
     )
     return [job_from_row(row) for row in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    #: Due and not yet started (queued or retrying, run_at passed).
+    waiting: int = 0
+    #: Not due yet: scheduled jobs and retries in their backoff (kept in Postgres, not RabbitMQ).
+    delayed: int = 0
+    running: int = 0
+    #: Seconds since the oldest waiting job became due (0 when none waits).
+    oldest_waiting_seconds: float = 0.0
+
+
+def queue_counts(cur: Cursor) -> dict[str, QueueCounts]:
+    """Per queue, what waits, what is delayed and what runs (from the active-jobs index)."""
+    cur.execute(
+        """
+        SELECT queue,
+               count(*) FILTER (WHERE status <> %(running)s AND run_at <= now()),
+               count(*) FILTER (WHERE status <> %(running)s AND run_at > now()),
+               count(*) FILTER (WHERE status = %(running)s),
+               COALESCE(EXTRACT(EPOCH FROM now() - min(run_at)
+                                FILTER (WHERE status <> %(running)s AND run_at <= now())), 0)
+        FROM jobs
+        WHERE status IN (%(queued)s, %(retrying)s, %(running)s)
+        GROUP BY queue
+        """,
+        {
+            "queued": JobStatus.QUEUED.value,
+            "retrying": JobStatus.RETRYING.value,
+            "running": JobStatus.RUNNING.value,
+        },
+    )
+    return {
+        row[0]: QueueCounts(int(row[1]), int(row[2]), int(row[3]), float(row[4])) for row in cur.fetchall()
+    }

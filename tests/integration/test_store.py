@@ -163,12 +163,31 @@ def test_lapsed_lease_fails_the_job_when_attempts_are_used_up(db: Database, dsn:
     assert job.error["type"] == "WorkerLost"
 
 
-def test_renewed_lease_keeps_the_job_running(db: Database) -> None:
+def lease_left(dsn: str, job_id: uuid.UUID) -> float:
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT EXTRACT(EPOCH FROM lease_expires_at - now()) FROM jobs WHERE id = %s", (str(job_id),)
+        )
+        row = cur.fetchone()
+        assert row is not None
+        return float(row[0])
+
+
+def test_renewal_reports_a_cancel_request(db: Database, dsn: str) -> None:
+    job_id = insert(db)
+    assert isinstance(claim(db, job_id), job_store.Claimed)
+    assert db.run(lambda cur: job_store.cancel_job(cur, job_id, None)).cancel_requested_at is not None  # type: ignore[union-attr]
+    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 1)], 30)) == {job_id}
+
+
+def test_renewed_lease_keeps_the_job_running(db: Database, dsn: str) -> None:
     job_id = insert(db)
     claimed = claim(db, job_id, lease=0.5)
     assert isinstance(claimed, job_store.Claimed)
-    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 1)], 30)) == 1
-    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 2)], 30)) == 0  # wrong attempt
+    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 2)], 3600)) == set()  # wrong attempt
+    assert lease_left(dsn, job_id) < 1, "another attempt's renewal changed nothing"
+    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 1)], 30)) == set()
+    assert 25 < lease_left(dsn, job_id) <= 30
     time.sleep(0.6)
     recovered = db.execute(
         lambda cur: job_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0)

@@ -42,7 +42,7 @@ def test_types_use_the_default_queue_unless_they_name_one() -> None:
 
 
 def test_demo_sleep_payload_gets_its_defaults() -> None:
-    assert DEMO_SLEEP.load_payload({}) == {"seconds": 1.0, "fail_attempts": 0, "fatal": False}
+    assert DEMO_SLEEP.load_payload({}) == {"seconds": 1.0, "fail_attempts": 0, "fatal": False, "crash": False}
 
 
 def test_demo_sleep_payload_keeps_given_values_and_fills_the_rest() -> None:
@@ -50,6 +50,7 @@ def test_demo_sleep_payload_keeps_given_values_and_fills_the_rest() -> None:
         "seconds": 2.0,
         "fail_attempts": 0,
         "fatal": True,
+        "crash": False,
     }
 
 

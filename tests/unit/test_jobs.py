@@ -9,7 +9,9 @@ import pytest
 
 from shared.errors import IllegalTransition
 from shared.jobs import (
+    CANCELLABLE_AT_ONCE,
     INITIAL_STATUS,
+    RETRYABLE_BY_OPERATOR,
     TRANSITIONS,
     JobError,
     JobStatus,
@@ -21,16 +23,21 @@ from shared.jobs import (
     transition_rows,
 )
 
-Q, RUN, RETRY, OK, FAIL = (
+Q, RUN, RETRY, OK, FAIL, CANCEL = (
     JobStatus.QUEUED,
     JobStatus.RUNNING,
     JobStatus.RETRYING,
     JobStatus.SUCCEEDED,
     JobStatus.FAILED,
+    JobStatus.CANCELLED,
 )
 
 #: The status model drawn in shared/jobs.py's docstring, written out independently of TRANSITIONS.
-DOCUMENTED = {(Q, RUN), (RUN, OK), (RUN, RETRY), (RUN, FAIL), (RETRY, RUN)}
+DOCUMENTED = {
+    (Q, RUN), (RUN, OK), (RUN, RETRY), (RUN, FAIL), (RETRY, RUN),  # running a job
+    (Q, CANCEL), (RETRY, CANCEL), (RUN, CANCEL),  # cancelling it
+    (FAIL, Q), (CANCEL, Q),  # an operator's retry or dead-letter replay
+}  # fmt: skip
 ALL_PAIRS = list(itertools.product(JobStatus, repeat=2))
 
 
@@ -70,10 +77,15 @@ def test_new_jobs_start_queued() -> None:
     assert INITIAL_STATUS is JobStatus.QUEUED
 
 
-@pytest.mark.parametrize("status", [OK, FAIL])
-def test_finished_job_cannot_move_again(status: JobStatus) -> None:
+@pytest.mark.parametrize("status", [OK, FAIL, CANCEL])
+def test_finished_job_only_moves_again_when_an_operator_requeues_it(status: JobStatus) -> None:
     assert is_terminal(status)
-    assert not [new for new in JobStatus if can_transition(status, new)]
+    assert [new for new in JobStatus if can_transition(status, new)] == ([] if status is OK else [Q])
+
+
+def test_operator_actions_follow_the_transitions() -> None:
+    assert set(RETRYABLE_BY_OPERATOR) == set(sources_of(Q))
+    assert set(CANCELLABLE_AT_ONCE) | {RUN} == set(sources_of(CANCEL))
 
 
 @pytest.mark.parametrize("status", [Q, RUN, RETRY])
@@ -91,8 +103,8 @@ def test_outcomes_are_reached_only_from_running() -> None:
     assert sources_of(FAIL) == (RUN,)
 
 
-def test_nothing_leads_back_to_queued() -> None:
-    assert sources_of(Q) == ()
+def test_only_failed_and_cancelled_jobs_lead_back_to_queued() -> None:
+    assert sources_of(Q) == (FAIL, CANCEL)
 
 
 def test_transition_rows_include_the_initial_status_as_a_row_from_nothing() -> None:

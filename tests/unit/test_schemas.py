@@ -39,7 +39,7 @@ def test_minimal_submission_gets_the_types_defaults() -> None:
     assert submit({"type": "demo.sleep"}) == NewJob(
         type="demo.sleep",
         queue="default",
-        payload={"seconds": 1.0, "fail_attempts": 0, "fatal": False},
+        payload={"seconds": 1.0, "fail_attempts": 0, "fatal": False, "crash": False},
         priority=5,
         max_attempts=3,
         timeout_seconds=3600,
@@ -70,6 +70,7 @@ def test_payload_is_validated_and_completed_by_its_type() -> None:
         "seconds": 2.0,
         "fail_attempts": 0,
         "fatal": False,
+        "crash": False,
     }
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
+from shared.settings import get_settings
 from worker_service.context import JobContext
-from worker_service.errors import FatalJobError
+from worker_service.errors import FatalJobError, JobCancelled
 
-#: Sleep in short steps so a timeout interrupts promptly (it cannot interrupt one long sleep).
+#: Sleep in short steps so a timeout or a cancel request interrupts promptly.
 STEP_SECONDS = 0.1
 PROGRESS_EVERY_SECONDS = 1.0
 
@@ -18,10 +21,14 @@ class DemoFailure(Exception):
 
 
 def handle(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    if payload.get("crash"):
+        _crash()
     seconds: float = payload["seconds"]
     started = time.monotonic()
     next_report = 0.0
     while (elapsed := time.monotonic() - started) < seconds:
+        if ctx.cancel_requested:
+            raise JobCancelled(f"stopped after {elapsed:.1f} of {seconds:g} s, on request")
         if elapsed >= next_report:
             ctx.report_progress(100 * elapsed / seconds, f"slept {elapsed:.0f} of {seconds:g} s")
             next_report += PROGRESS_EVERY_SECONDS
@@ -33,3 +40,9 @@ def handle(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
         raise DemoFailure(message)
     ctx.report_progress(100, "done")
     return {"slept_seconds": seconds, "attempt": ctx.attempt}
+
+
+def _crash() -> None:
+    if not get_settings().demo_crash_enabled:
+        raise FatalJobError("crash: true needs the worker to run with CONVEYOR_DEMO_CRASH_ENABLED=true")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,183 @@
+"""The dead-letter resource: failed jobs and undeliverable messages, kept until an operator acts."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from marshmallow import fields, validate
+
+from api_service.auth import current_principal, requires
+from api_service.context import services
+from api_service.openapi_docs import documents_problems
+from api_service.problems import Problem, invalid
+from api_service.schemas import NO_NUL, StrictSchema, UtcDateTime
+from shared.api_keys import TENANT_NAME, Scope
+from shared.store import dead_letters as dead_letter_store
+from shared.store.dead_letters import Selection
+
+blp = Blueprint(
+    "dead-letters",
+    __name__,
+    url_prefix="/v1/dead-letters",
+    description="Failed jobs and undeliverable messages: inspect, replay, purge. Nothing expires on its own.",
+)
+
+_NAME = [validate.Length(1, 100), NO_NUL]
+
+
+class DeadLetterSchema(StrictSchema):
+    id = fields.Integer(required=True)
+    job_id = fields.UUID(
+        allow_none=True, required=True, metadata={"description": "Null for a message that names no job."}
+    )
+    tenant = fields.String(allow_none=True, required=True)
+    queue = fields.String(required=True)
+    job_type = fields.String(allow_none=True, required=True)
+    error_type = fields.String(
+        required=True, metadata={"example": "worker_service.handlers.demo_sleep.DemoFailure"}
+    )
+    reason = fields.String(required=True)
+    attempts = fields.Integer(allow_none=True, required=True)
+    error = fields.Dict(allow_none=True, required=True, metadata={"description": "The job's last error."})
+    message = fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "The raw message, for one that names no job."},
+    )
+    dead_at = UtcDateTime(required=True)
+
+
+class DeadLetterPageSchema(StrictSchema):
+    items = fields.List(fields.Nested(DeadLetterSchema), required=True)
+    next_cursor = fields.String(allow_none=True, required=True)
+
+
+class _Filters(StrictSchema):
+    type = fields.List(fields.String(validate=_NAME), metadata={"description": "Job types."})
+    queue = fields.List(fields.String(validate=_NAME))
+    error_type = fields.List(fields.String(validate=_NAME))
+    tenant = fields.String(
+        validate=validate.Regexp(TENANT_NAME.pattern + r"\Z"), metadata={"description": "Admin keys only."}
+    )
+    dead_after = UtcDateTime()
+    dead_before = UtcDateTime()
+
+
+class DeadLetterQuerySchema(_Filters):
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, 200))
+    cursor = fields.String(validate=validate.Length(1, 200))
+
+
+class DeadLetterSelectionSchema(_Filters):
+    all = fields.Boolean(
+        load_default=False, metadata={"description": "Required (true) to act on every dead letter."}
+    )
+
+
+class ReplayResultSchema(StrictSchema):
+    replayed = fields.Integer(required=True, metadata={"description": "Jobs queued again."})
+
+
+class PurgeResultSchema(StrictSchema):
+    purged = fields.Integer(required=True, metadata={"description": "Dead letters deleted."})
+
+
+def _selection(data: dict[str, Any], *, tenant: str | None) -> Selection:
+    return Selection(
+        tenant=tenant,
+        types=tuple(data.get("type", ())),
+        queues=tuple(data.get("queue", ())),
+        error_types=tuple(data.get("error_type", ())),
+        dead_after=data.get("dead_after"),
+        dead_before=data.get("dead_before"),
+    )
+
+
+def _scope_tenant(requested: str | None) -> str | None:
+    principal = current_principal()
+    if principal.is_admin:
+        return requested
+    if requested is not None and requested != principal.tenant:
+        raise Problem("forbidden", "Only an admin key may see another tenant's dead letters.")
+    return principal.tenant
+
+
+def _decode_cursor(raw: str) -> tuple[datetime, int]:
+    try:
+        dead_at, row_id = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        return datetime.fromisoformat(dead_at), int(row_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise invalid(parameter="cursor", detail="Not a cursor returned by this API.") from None
+
+
+def _encode_cursor(dead_at: datetime, row_id: int) -> str:
+    raw = json.dumps([dead_at.isoformat(), row_id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@blp.route("")
+class DeadLetters(MethodView):
+    @requires(Scope.JOBS_READ)
+    @blp.arguments(DeadLetterQuerySchema, location="query", unknown="raise")
+    @blp.response(200, DeadLetterPageSchema)
+    @documents_problems(401, 403, 422, 503)
+    def get(self, query: dict[str, Any]) -> dict[str, Any]:
+        """List dead letters
+
+        Newest first, filtered by job type, queue, error type and time; paginated like `GET /v1/jobs`.
+        A tenant sees its own failed jobs; an admin also sees messages that name no job.
+        """
+        limit = query["limit"]
+        selection = _selection(query, tenant=_scope_tenant(query.get("tenant")))
+        if "cursor" in query:
+            selection = Selection(**{**selection.__dict__, "after": _decode_cursor(query["cursor"])})
+        rows = services().db.read(lambda cur: dead_letter_store.list_dead_letters(cur, selection, limit + 1))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return {"items": rows, "next_cursor": _encode_cursor(rows[-1].dead_at, rows[-1].id) if more else None}
+
+
+def _checked_selection(data: dict[str, Any]) -> Selection:
+    selection = _selection(data, tenant=data.get("tenant"))
+    if selection.is_everything and not data["all"]:
+        raise invalid(pointer="/all", detail="Give a filter, or all: true to act on every dead letter.")
+    return selection
+
+
+@blp.route("/replay")
+class ReplayDeadLetters(MethodView):
+    @requires(Scope.ADMIN)
+    @blp.arguments(DeadLetterSelectionSchema)
+    @blp.response(200, ReplayResultSchema)
+    @documents_problems(400, 401, 403, 415, 422, 503)
+    def post(self, data: dict[str, Any]) -> dict[str, int]:
+        """Replay dead letters
+
+        Queues the failed jobs of every matching dead letter again, with fresh attempts. Replaying the
+        same selection twice runs nothing twice: the second call finds those jobs no longer failed.
+        """
+        selection = _checked_selection(data)
+        moved = services().db.run(lambda cur: dead_letter_store.replay(cur, selection))
+        return {"replayed": len(moved)}
+
+
+@blp.route("/purge")
+class PurgeDeadLetters(MethodView):
+    @requires(Scope.ADMIN)
+    @blp.arguments(DeadLetterSelectionSchema)
+    @blp.response(200, PurgeResultSchema)
+    @documents_problems(400, 401, 403, 415, 422, 503)
+    def post(self, data: dict[str, Any]) -> dict[str, int]:
+        """Purge dead letters
+
+        Deletes every matching dead letter (needs a filter, or `all: true`). Purged failed jobs stay in
+        the job list as `failed`.
+        """
+        selection = _checked_selection(data)
+        return {"purged": services().db.run(lambda cur: dead_letter_store.purge(cur, selection))}

@@ -1,0 +1,52 @@
+"""``conveyor worker-alive``: the worker's liveness probe (see ``shared/heartbeat.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared import heartbeat
+from shared.settings import Settings
+
+
+def worker_alive(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.worker_heartbeat_file:
+        message = "CONVEYOR_WORKER_HEARTBEAT_FILE is not set, so the worker writes no heartbeat"
+        print(f"conveyor worker-alive: {message}", file=sys.stderr)
+        return 1
+    expected = settings.worker_processes if args.processes is None else args.processes
+    verdict = heartbeat.check(
+        settings.worker_heartbeat_file, max_age=args.max_age, expected_processes=expected
+    )
+    print(f"conveyor worker-alive: {verdict.message}", file=sys.stdout if verdict.alive else sys.stderr)
+    return 0 if verdict.alive else 1
+
+
+def _positive(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {raw!r}")
+    return value
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    alive = commands.add_parser(
+        "worker-alive",
+        help="exit 0 if every worker process beat recently, 1 otherwise (liveness probe)",
+        description="Checks the heartbeat files <CONVEYOR_WORKER_HEARTBEAT_FILE>.<pid> of the worker "
+        "processes on this host or container.",
+    )
+    alive.add_argument(
+        "--max-age",
+        type=_positive,
+        required=True,
+        metavar="SECONDS",
+        help="oldest acceptable heartbeat; well above CONVEYOR_JOB_LEASE_SECONDS / 3",
+    )
+    alive.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="worker processes expected (default: CONVEYOR_WORKER_PROCESSES)",
+    )
+    alive.set_defaults(handler=worker_alive)

@@ -1,0 +1,106 @@
+"""Filing dead messages: the relay drains every Conveyor ``.XQ`` into Postgres.
+
+What reaches a dead-letter queue, and what becomes of it:
+
+- the message of a job that failed (the worker nacks it after recording ``failed``): the job's dead
+  letter already exists (a trigger files it with the failure), so the message is simply acknowledged;
+- a message that is not a Conveyor job (not JSON, not a dramatiq message, an unknown job type, an id
+  that names no job): filed verbatim with the reason, visible in ``GET /v1/dead-letters``;
+- anything else (say a quorum queue's delivery limit hit a job that is still running): acknowledged,
+  because the job's row in Postgres is the truth and its lease decides what happens next.
+
+So RabbitMQ never holds a dead letter for long, none expires, and every one stays visible until an
+operator replays or purges it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from dramatiq import Message
+from dramatiq.errors import DecodeError
+
+from shared.broker import DeadLetterReader, DeadMessage
+from shared.job_types import REGISTRY
+from shared.jobs import JobStatus
+from shared.messages import all_queue_names
+from shared.settings import Settings
+from shared.store import Database
+from shared.store import dead_letters as dead_letter_store
+from shared.store import jobs as job_store
+
+logger = logging.getLogger(__name__)
+
+#: Messages taken from one dead-letter queue per round.
+BATCH = 100
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What is wrong with a dead message; None fields mean it is a job message Postgres already tracks."""
+
+    error_type: str
+    reason: str
+
+
+class DeadLetterFiler:
+    def __init__(self, settings: Settings, db: Database, reader: DeadLetterReader) -> None:
+        self._settings = settings
+        self._db = db
+        self._reader = reader
+
+    def file_round(self) -> int:
+        """Drain up to BATCH messages from each dead-letter queue; returns how many were filed."""
+        filed = 0
+        prefix = self._settings.queue_prefix
+        for queue_name in all_queue_names(prefix):
+            messages = self._reader.take(queue_name, BATCH)
+            for message in messages:
+                filed += self._file(queue_name.removeprefix(prefix), message)
+            self._reader.ack(messages)  # only once Postgres has them
+        return filed
+
+    def _file(self, queue: str, message: DeadMessage) -> int:
+        verdict = self._judge(message)
+        if verdict is None:
+            return 0
+        text = _as_text(message.body)
+        digest = hashlib.sha256(message.body).hexdigest()
+        new = self._db.execute(
+            lambda cur: dead_letter_store.file_message(
+                cur, queue=queue, error_type=verdict.error_type, reason=verdict.reason,
+                message=text, message_sha256=digest,
+            )
+        )  # fmt: skip
+        if new:
+            logger.warning("filed a dead message on %s: %s", queue, verdict.reason)
+        return int(new)
+
+    def _judge(self, dead: DeadMessage) -> Verdict | None:
+        try:
+            message = Message.decode(dead.body)
+        except (DecodeError, ValueError, TypeError, KeyError) as exc:
+            return Verdict("InvalidMessage", f"not a dramatiq message ({type(exc).__name__}: {exc})")
+        if message.actor_name not in REGISTRY:
+            return Verdict("UnknownJobType", f"unknown job type {message.actor_name!r}")
+        try:
+            job_id = uuid.UUID(str(message.message_id))
+        except ValueError:
+            return Verdict("InvalidJobId", f"message_id {message.message_id!r} is not a job id")
+        job = self._db.execute(lambda cur: job_store.get_job(cur, job_id))
+        if job is None:
+            return Verdict("UnknownJob", f"no job has the id {job_id}")
+        if job.status is not JobStatus.FAILED:
+            logger.info("dropping a dead copy of job %s (%s, %s)", job_id, job.status, dead.death_reason)
+        return None
+
+
+def _as_text(body: bytes) -> str:
+    try:
+        return body.decode("utf-8").replace("\x00", "\\u0000")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(body).decode()
