@@ -49,6 +49,8 @@ TEST_ENV = {
     "CONVEYOR_OUTBOX_GRACE_SECONDS": "1",
     "CONVEYOR_PUBLISH_BACKOFF_SECONDS": "0.5",
     "CONVEYOR_DB_POOL_SIZE": "16",
+    # The poison-message test submits demo.sleep jobs that SIGKILL their worker.
+    "CONVEYOR_DEMO_CRASH_ENABLED": "true",
 }
 # Before anything imports shared.settings: the whole process (and its children) use the test setup.
 os.environ.update(TEST_ENV)

@@ -214,5 +214,12 @@ class ApiClient:
         return wait_for(reached, timeout=timeout, interval=0.1, what=f"job {job_id} to be {statuses}")
 
 
+def dead_letter_of(api: ApiClient, job_id: str) -> dict[str, Any] | None:
+    """The dead letter of a job, as the API lists it (None if it has none)."""
+    response = api.session.get(f"{api.base_url}/v1/dead-letters", params={"limit": 200}, timeout=10)
+    assert response.status_code == 200, response.text
+    return next((d for d in response.json()["items"] if d["job_id"] == job_id), None)
+
+
 def new_key() -> str:
     return str(uuid.uuid4())

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import ApiClient, peek_message_ids
+from support import ApiClient, dead_letter_of, peek_message_ids, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def test_failed_attempt_is_retried_then_succeeds(conveyor: ApiClient) -> None:
     assert job["error"] is None
 
 
-def test_exhausted_job_fails_and_its_message_is_dead_lettered(conveyor: ApiClient, broker_url: str) -> None:
+def test_exhausted_job_fails_and_becomes_a_dead_letter(conveyor: ApiClient, broker_url: str) -> None:
     job_id = submit(
         conveyor, {"type": "demo.sleep", "payload": {"seconds": 0, "fail_attempts": 5}, "max_attempts": 3}
     )
@@ -53,7 +53,12 @@ def test_exhausted_job_fails_and_its_message_is_dead_lettered(conveyor: ApiClien
     assert job["error"]["type"] == "worker_service.handlers.demo_sleep.DemoFailure"
     assert "on purpose" in job["error"]["detail"]
     assert job["result"] is None
-    assert job_id in peek_message_ids(broker_url, DEAD_LETTERS)
+    dead = dead_letter_of(conveyor, job_id)
+    assert dead is not None
+    assert dead["error_type"] == "worker_service.handlers.demo_sleep.DemoFailure"
+    assert dead["attempts"] == 3
+    # The nacked message went through RabbitMQ's dead-letter queue, where the relay filed it away.
+    wait_for(lambda: job_id not in peek_message_ids(broker_url, DEAD_LETTERS), what="the XQ copy to be filed")
 
 
 def test_fatal_error_fails_the_job_after_one_attempt(conveyor: ApiClient, broker_url: str) -> None:
@@ -63,7 +68,7 @@ def test_fatal_error_fails_the_job_after_one_attempt(conveyor: ApiClient, broker
     job = conveyor.wait_status(job_id, "failed")
     assert job["attempts"] == 1
     assert job["error"]["title"] == "The handler reported a permanent failure"
-    assert job_id in peek_message_ids(broker_url, DEAD_LETTERS)
+    assert dead_letter_of(conveyor, job_id) is not None
 
 
 def test_attempt_past_its_timeout_is_interrupted(conveyor: ApiClient) -> None:
