@@ -29,7 +29,7 @@ CHECKS = ",".join(
 
 @pytest.mark.parametrize("key_name", ["writer", "admin"])
 def test_fuzzing_finds_no_server_error_and_no_undocumented_response(
-    api: ApiClient, keys: Keys, key_name: str
+    api: ApiClient, keys: Keys, key_name: str, tmp_path: Path
 ) -> None:
     st = Path(sys.executable).with_name("st")
     result = subprocess.run(
@@ -44,6 +44,6 @@ def test_fuzzing_finds_no_server_error_and_no_undocumented_response(
             "--suppress-health-check", "all",
             "--no-color",
         ],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache stays out of the repo
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
