@@ -9,7 +9,7 @@ from flask import Flask, Response, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
-from api_service import auth, dead_letters, health, jobs, metrics, problems, queues
+from api_service import auth, dead_letters, health, jobs, metrics, problems, queues, request_ids
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem
 from shared.broker import Publisher, create_broker
@@ -68,7 +68,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[EXTENSION] = Services(
         settings=settings,
         db=Database(settings, application_name="conveyor-api"),
-        publisher=Publisher(create_broker(settings), settings.queue_prefix, settings.publish_backoff_seconds),
+        publisher=Publisher(
+            create_broker(settings),
+            settings.queue_prefix,
+            settings.publish_backoff_seconds,
+            on_failure=metrics.OUTBOX_PUBLISH_FAILURES.inc,
+        ),
     )
     api = ConveyorApi(app)
     api.spec.components.security_scheme("bearerAuth", auth.SECURITY_SCHEME)
@@ -76,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(dead_letters.blp)
     api.register_blueprint(queues.blp)
     api.register_blueprint(health.blp)
+    request_ids.register(app)  # first: every later hook and log line has the request's id
     problems.register(app)
     metrics.register(app)
     # Authentication first: a caller without a valid key learns nothing, not even about its body.

@@ -1,10 +1,9 @@
 """gunicorn settings, taken from Conveyor's settings so there is one place to configure the API."""
 
-import glob
 import os
-import tempfile
 from typing import Any
 
+from shared import prometheus_dir
 from shared.settings import get_settings
 
 _settings = get_settings()
@@ -25,24 +24,32 @@ keepalive = 5
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+# gunicorn's own lines (start, stop, access) as the same JSON lines as everything else.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss request_id=%({x-request-id}o)s'
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "shared.logs.JsonFormatter"}},
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    },
+    "root": {"handlers": ["stderr"], "level": loglevel.upper()},
+    "loggers": {
+        "gunicorn.error": {"handlers": ["stderr"], "level": loglevel.upper(), "propagate": False},
+        "gunicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+    },
+}
 # gunicorn 27's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl), shared by every
 # server on the host; Conveyor does not use it.
 control_socket_disable = True
 
-# Prometheus multiprocess mode: every worker writes its samples here and /metrics merges them. One
-# directory per bind address, so two servers on one host never mix their files; emptied at start so
-# the counters of a previous run (or of dead workers' pids) never leak into this one.
-_metrics_dir = os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR",
-    os.path.join(tempfile.gettempdir(), "conveyor-api-metrics-" + bind.replace(":", "-").replace("/", "-")),
-)
+# Prometheus multiprocess mode: every worker writes its samples here and /metrics merges them; emptied
+# at start so the counters of a previous run (or of dead workers' pids) never leak into this one.
+_metrics_dir = os.environ.setdefault(prometheus_dir.ENV, prometheus_dir.default_dir("api", bind))
 
 
 def on_starting(server: Any) -> None:
-    """Empty the multiprocess directory of prometheus_client's files only (never anything else in it)."""
-    os.makedirs(_metrics_dir, exist_ok=True)
-    for leftover in glob.glob(os.path.join(_metrics_dir, "*.db")):
-        os.remove(leftover)
+    prometheus_dir.prepare(_metrics_dir)
 
 
 def child_exit(server: Any, worker: Any) -> None:

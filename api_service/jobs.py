@@ -20,6 +20,7 @@ from api_service.metrics import count_submission, counting_submission_refusals
 from api_service.openapi_docs import documents_problems
 from api_service.problems import Problem
 from api_service.rate_limit import rate_limit_headers
+from api_service.request_ids import current_request_id
 from api_service.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema, encode_cursor
 from api_service.submission import IdempotentRequest, submit_job
 from shared.api_keys import Scope
@@ -78,8 +79,9 @@ class Jobs(MethodView):
         principal, limits = current_principal(), current_limits()
         with counting_submission_refusals():
             submission = submit_job(
-                svc.db, svc.publisher, svc.settings, principal.tenant, limits, new_job, idempotent
-            )
+                svc.db, svc.publisher, svc.settings, principal.tenant, limits, new_job, idempotent,
+                request_id=current_request_id(),
+            )  # fmt: skip
         count_submission(new_job.type, submission.replayed)
         headers = {"Location": url_for("jobs.get_job", job_id=submission.job.id)}
         if submission.replayed:

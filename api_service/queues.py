@@ -12,15 +12,8 @@ from api_service.auth import requires
 from api_service.context import services
 from api_service.openapi_docs import documents_problems
 from api_service.schemas import StrictSchema
+from shared import queue_stats
 from shared.api_keys import Scope
-from shared.broker import queue_depth
-from shared.errors import BrokerUnavailable
-from shared.job_types import REGISTRY
-from shared.messages import queue_name
-from shared.store import dead_letters as dead_letter_store
-from shared.store import jobs as job_store
-from shared.store import outbox as outbox_store
-from shared.store.db import Cursor
 
 blp = Blueprint(
     "queues", __name__, url_prefix="/v1/queues", description="Queue depth and backlog, for operators."
@@ -73,28 +66,8 @@ class Queues(MethodView):
         the jobs waiting, delayed (scheduled or backing off), running and dead, and the age of the
         oldest waiting job; plus the outbox backlog.
         """
-        svc = services()
-
-        def read(cur: Cursor) -> tuple[Any, Any, Any]:
-            return (
-                job_store.queue_counts(cur),
-                dead_letter_store.count_by_queue(cur),
-                outbox_store.backlog(cur),
-            )
-
-        counts, dead, (backlog, oldest) = svc.db.run(read)
-        names = sorted({t.queue for t in REGISTRY.values()} | set(counts) | set(dead))
-        queues = []
-        for name in names:
-            wire_name = queue_name(svc.settings.queue_prefix, name)
-            try:
-                depth = queue_depth(svc.settings, wire_name)
-                broker = {"ready": depth.ready, "unacknowledged": depth.unacknowledged,
-                          "consumers": depth.consumers, "source": depth.source}  # fmt: skip
-            except BrokerUnavailable:
-                broker = {"ready": None, "unacknowledged": None, "consumers": None, "source": "unavailable"}
-            c = counts.get(name, job_store.QueueCounts())
-            queues.append({"name": name, "rabbitmq_queue": wire_name, **broker, "waiting": c.waiting,
-                           "delayed": c.delayed, "running": c.running, "dead": dead.get(name, 0),
-                           "oldest_waiting_seconds": round(c.oldest_waiting_seconds, 3)})  # fmt: skip
-        return {"queues": queues, "outbox": {"backlog": backlog, "oldest_seconds": round(oldest, 3)}}
+        snapshot = queue_stats.collect(services().settings, services().db)
+        return {
+            "queues": [q.__dict__ for q in snapshot.queues],
+            "outbox": {"backlog": snapshot.outbox_backlog, "oldest_seconds": snapshot.outbox_oldest_seconds},
+        }

@@ -59,6 +59,7 @@ def submit_job(
     limits: TenantLimits,
     new: NewJob,
     idempotent: IdempotentRequest | None = None,
+    request_id: str | None = None,
 ) -> Submission:
     if idempotent is not None:
         replay = db.read(lambda cur: _stored_response(cur, tenant, idempotent))
@@ -93,6 +94,7 @@ def submit_job(
             max_active_jobs=limits.max_active_jobs,
             outbox_grace_seconds=settings.outbox_grace_seconds,
             idempotency=record,
+            request_id=request_id,
         )
         return Submission(job, ACCEPTED, replayed=False, rate=rate), dispatch
 

@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,14 @@ def url_with_defaults(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
+#: The delivery limit of quorum queues that must never dead-letter or drop a message (Q.DQ, Q.XQ).
+#: "Unlimited" has no spelling that works on every RabbitMQ: 4.x reads -1 as unlimited and applies
+#: 20 when the argument is absent, while 3.x dead-letters a message at its first return when it is -1
+#: (seen on 3.10.8). A limit no message reaches means the same on both, and never changes, which
+#: matters: RabbitMQ refuses to redeclare a queue whose x-delivery-limit differs (406).
+UNLIMITED_DELIVERIES = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class QueueArguments:
     """The ``x-`` arguments of the three RabbitMQ queues behind one Conveyor queue ``Q``."""
@@ -69,9 +77,8 @@ def queue_arguments(queue_name: str, queue_type: str, delivery_limit: int) -> Qu
     """How Conveyor declares ``queue_name`` for ``CONVEYOR_QUEUE_TYPE`` (classic or quorum).
 
     Classic: dramatiq's arguments (dead-lettering to Q.XQ, priorities 0-9), except that Q.XQ has no
-    ``x-message-ttl``. Quorum: no ``x-max-priority`` (RabbitMQ refuses it on a quorum queue), and a
-    delivery limit on Q only. Q.DQ gets no limit at all: RabbitMQ 4 reads -1 as "unlimited", but 3.x
-    dead-letters a message on its first return when the limit is -1 (checked on 3.10.8).
+    ``x-message-ttl``. Quorum: no ``x-max-priority`` (RabbitMQ refuses it on a quorum queue), the
+    configured delivery limit on Q, and none that is ever reached on Q.DQ and Q.XQ.
     """
     dead_letter = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue_name)}
     if queue_type == "classic":
@@ -82,8 +89,8 @@ def queue_arguments(queue_name: str, queue_type: str, delivery_limit: int) -> Qu
     quorum = {"x-queue-type": "quorum"}
     return QueueArguments(
         queue={**quorum, **dead_letter, "x-delivery-limit": delivery_limit},
-        delay_queue={**quorum, **dead_letter},
-        dead_letter_queue=dict(quorum),
+        delay_queue={**quorum, **dead_letter, "x-delivery-limit": UNLIMITED_DELIVERIES},
+        dead_letter_queue={**quorum, "x-delivery-limit": UNLIMITED_DELIVERIES},
     )
 
 
@@ -140,7 +147,14 @@ class Publisher:
     skipped.
     """
 
-    def __init__(self, broker: RabbitmqBroker, queue_prefix: str, backoff_seconds: float) -> None:
+    def __init__(
+        self,
+        broker: RabbitmqBroker,
+        queue_prefix: str,
+        backoff_seconds: float,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_failure = on_failure
         self._broker = broker
         self._prefix = queue_prefix
         self._backoff = backoff_seconds
@@ -173,6 +187,8 @@ class Publisher:
         try:
             self.publish(dispatch)
         except BrokerUnavailable as exc:
+            if self._on_failure is not None:
+                self._on_failure()
             with self._lock:
                 self._closed_until = time.monotonic() + self._backoff
             logger.warning(

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from shared.settings import Settings
 
 #: Attributes that a log call may pass in ``extra`` and that end up as top-level fields.
-CONTEXT_FIELDS = ("job_id", "job_type", "attempt", "queue", "outbox_id", "redelivered")
+CONTEXT_FIELDS = ("request_id", "job_id", "job_type", "attempt", "queue", "outbox_id", "redelivered")
 
 
 class JsonFormatter(logging.Formatter):

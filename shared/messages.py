@@ -3,7 +3,8 @@
 A job travels as a plain dramatiq message::
 
     {"queue_name": "conveyor.default", "actor_name": "demo.sleep", "args": [], "kwargs": {},
-     "options": {"broker_priority": 5}, "message_id": "<job id>", "message_timestamp": 1764430000000}
+     "options": {"broker_priority": 5, "request_id": "<X-Request-ID>"}, "message_id": "<job id>",
+     "message_timestamp": 1764430000000}
 
 - ``message_id`` is the job id, so every copy of a job's message (republished by the relay, redelivered
   by RabbitMQ) names the same job, and the worker's claim in Postgres makes all but one of them no-ops.
@@ -38,6 +39,8 @@ class Dispatch:
     queue: str
     priority: int
     outbox_id: int | None = None
+    #: The X-Request-ID of the submission, for the worker's logs.
+    request_id: str | None = None
 
 
 def queue_name(prefix: str, queue: str) -> str:
@@ -59,6 +62,6 @@ def build_message(dispatch: Dispatch, prefix: str) -> Message[None]:
         actor_name=dispatch.job_type,
         args=(),
         kwargs={},
-        options={"broker_priority": dispatch.priority},
+        options={"broker_priority": dispatch.priority, "request_id": dispatch.request_id},
         message_id=str(dispatch.job_id),
     )

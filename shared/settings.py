@@ -203,6 +203,12 @@ class Settings:
         "consumer_timeout never applies to them; 10 min keeps retries timely.",
         minimum=0,
     )
+    worker_metrics_bind: str = setting(
+        "CONVEYOR_WORKER_METRICS_BIND",
+        "127.0.0.1:9191",
+        "Where the worker serves Prometheus metrics (0.0.0.0:9191 in a container). Empty: no metrics. "
+        "Give each worker on one host its own port.",
+    )
     demo_crash_enabled: bool = setting(
         "CONVEYOR_DEMO_CRASH_ENABLED",
         False,
@@ -246,7 +252,8 @@ class Settings:
         "stopped holding it) before RabbitMQ dead-letters it to `.XQ`. Conveyor's claims already turn "
         "copies of a started job into no-ops and its leases count lost attempts, so the limit only stops "
         "a message that kills every worker before its claim commits; 20, RabbitMQ 4's default, leaves "
-        "room for many restarts of workers holding prefetched messages.",
+        "room for many restarts of workers holding prefetched messages. Like the type, it cannot "
+        "change on an existing queue (a RabbitMQ `delivery-limit` policy can lower it).",
         minimum=1,
     )
     worker_heartbeat_file: str = setting(
@@ -255,6 +262,19 @@ class Settings:
         "If set, every worker process touches `<this path>.<pid>` every third of "
         "CONVEYOR_JOB_LEASE_SECONDS, and `conveyor worker-alive` (a liveness probe) fails when one of "
         "them goes stale. Empty: no heartbeat. Containers use /tmp/conveyor-worker-heartbeat.",
+    )
+    relay_metrics_bind: str = setting(
+        "CONVEYOR_RELAY_METRICS_BIND",
+        "127.0.0.1:9192",
+        "Where the relay serves Prometheus metrics, including queue depth and backlog (0.0.0.0:9192 in "
+        "a container). Empty: no metrics.",
+    )
+    queue_stats_refresh_seconds: float = setting(
+        "CONVEYOR_QUEUE_STATS_REFRESH_SECONDS",
+        10.0,
+        "How often the relay refreshes the queue-depth gauges it exports. Scrapes read the last refresh, "
+        "so a slow RabbitMQ never slows a scrape.",
+        minimum=0.5,
     )
     # --- Logging --------------------------------------------------------------------------------
     log_level: str = setting("CONVEYOR_LOG_LEVEL", "INFO", "Python log level of every process.")

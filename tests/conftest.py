@@ -1,8 +1,8 @@
 """Fixtures for the whole suite.
 
-The test run gets its own database (``conveyor_test``, recreated each session) and its own queues
-(prefix ``conveyor_test.``), so it never touches a Conveyor started with ``make run``. Timings are
-shortened (leases, retries, relay polling) so failure paths finish in seconds.
+Each test run gets its own database (``conveyor_test_<pid>``) and its own queues (prefix
+``conveyor_test_<pid>.``), so it never touches a Conveyor started with ``make run``, nor another run.
+Timings are shortened (leases, retries, relay polling) so failure paths finish in seconds.
 
 Unit tests (tests/unit) use none of the service fixtures and open no sockets.
 """
@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from support import (
+    QUEUE_PREFIX,
     START_POSTGRES,
     START_RABBITMQ,
+    TEST_DATABASE,
     ApiClient,
     ServiceProcess,
     amqp_channel,
@@ -28,12 +30,12 @@ from support import (
 
 TEST_ENV = {
     "CONVEYOR_DATABASE_URL": os.environ.get(
-        "CONVEYOR_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/conveyor_test"
+        "CONVEYOR_TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:5432/{TEST_DATABASE}"
     ),
     "CONVEYOR_BROKER_URL": os.environ.get(
         "CONVEYOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"
     ),
-    "CONVEYOR_QUEUE_PREFIX": "conveyor_test.",
+    "CONVEYOR_QUEUE_PREFIX": QUEUE_PREFIX,
     "CONVEYOR_AUTH": "keys",
     "CONVEYOR_METRICS_TOKEN": "test-metrics-token",
     "CONVEYOR_API_BIND": f"127.0.0.1:{free_port()}",
@@ -49,6 +51,9 @@ TEST_ENV = {
     "CONVEYOR_OUTBOX_GRACE_SECONDS": "1",
     "CONVEYOR_PUBLISH_BACKOFF_SECONDS": "0.5",
     "CONVEYOR_DB_POOL_SIZE": "16",
+    "CONVEYOR_WORKER_METRICS_BIND": f"127.0.0.1:{free_port()}",
+    "CONVEYOR_RELAY_METRICS_BIND": f"127.0.0.1:{free_port()}",
+    "CONVEYOR_QUEUE_STATS_REFRESH_SECONDS": "0.5",
     # The poison-message test submits demo.sleep jobs that SIGKILL their worker.
     "CONVEYOR_DEMO_CRASH_ENABLED": "true",
 }
@@ -76,37 +81,61 @@ def broker_url(settings: Settings) -> str:
 
 
 @pytest.fixture(scope="session")
-def database(settings: Settings) -> str:
-    """A freshly migrated test database; fails (never skips) if Postgres is unreachable."""
-    from psycopg2 import sql
-
+def database(settings: Settings) -> Iterator[str]:
+    """This run's freshly migrated database, dropped at the end; fails (never skips) if Postgres is
+    unreachable. Databases left by runs that died (their process is gone) are dropped too."""
     from shared.store.migrate import migrate
 
     base, name = settings.database_url.rsplit("/", 1)
+    maintenance = base + "/postgres"
     try:
-        with pg(base + "/postgres") as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        with pg(maintenance) as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'conveyor\\_test\\_%%'")
+            leftovers = [row[0] for row in cur.fetchall()]
+            for stale in leftovers:
+                if stale == name or not _process_alive(stale.rsplit("_", 1)[1]):
+                    _drop_database(cur, stale)
     except Exception as exc:
         pytest.fail(f"Postgres is not reachable ({exc}). Start it with: {START_POSTGRES}", pytrace=False)
     migrate(settings)
-    return settings.database_url
+    yield settings.database_url
+    with pg(maintenance) as cur:
+        _drop_database(cur, name)
+
+
+def _process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _drop_database(cur: Any, name: str) -> None:
+    from psycopg2 import sql
+
+    cur.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    )
+    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")
-def rabbitmq(settings: Settings) -> str:
-    """RabbitMQ with the test queues emptied; fails (never skips) if it is unreachable."""
+def rabbitmq(settings: Settings) -> Iterator[str]:
+    """RabbitMQ, with this run's queues deleted at the end; fails (never skips) if it is unreachable."""
     try:
-        with amqp_channel(settings.broker_url) as channel:
-            for suffix in ("", ".DQ", ".XQ"):
-                channel.queue_delete(queue=DEFAULT_QUEUE + suffix)
+        with amqp_channel(settings.broker_url):
+            pass
     except Exception as exc:
         pytest.fail(f"RabbitMQ is not reachable ({exc}). Start it with: {START_RABBITMQ}", pytrace=False)
-    return settings.broker_url
+    yield settings.broker_url
+    with amqp_channel(settings.broker_url) as channel:
+        for suffix in ("", ".DQ", ".XQ"):
+            channel.queue_delete(queue=DEFAULT_QUEUE + suffix)
 
 
 #: The tenant most tests act as, with limits high enough never to get in their way.

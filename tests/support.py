@@ -29,8 +29,13 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / ".run" / "test-logs"
 
+#: Each test run has its own database and queues, so two runs on one machine (CI and a developer, or
+#: two sessions) never see each other's jobs. Child processes inherit the id through the environment.
+RUN_ID = os.environ.setdefault("CONVEYOR_TEST_RUN_ID", str(os.getpid()))
+TEST_DATABASE = f"conveyor_test_{RUN_ID}"
+QUEUE_PREFIX = f"conveyor_test_{RUN_ID}."
 #: The queue every shipped job type uses, with the test run's prefix.
-DEFAULT_QUEUE = "conveyor_test.default"
+DEFAULT_QUEUE = QUEUE_PREFIX + "default"
 
 START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 START_RABBITMQ = "rabbitmq-server -detached"

@@ -9,6 +9,7 @@ process resources (the lease keeper and deadline threads) start in ``after_proce
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 import dramatiq
@@ -20,6 +21,7 @@ from shared.logs import configure_logging
 from shared.messages import queue_name
 from shared.settings import get_settings
 from shared.store import Database
+from worker_service import metrics
 from worker_service.deadlines import DeadlineMonitor
 from worker_service.executor import Executor, Handler, Message
 from worker_service.handlers import load_handler
@@ -39,6 +41,11 @@ class WorkerRuntime(dramatiq.Middleware):
         )
         self.deadlines = DeadlineMonitor()
         self.executor = Executor(self.settings, self.db, self.leases, self.deadlines)
+
+    @property
+    def forks(self) -> list[Callable[[], int]]:
+        """The metrics server, in its own process (dramatiq's CLI forks it once per host)."""
+        return [metrics.serve_metrics] if self.settings.worker_metrics_bind else []
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         self.leases.start()

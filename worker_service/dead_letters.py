@@ -32,6 +32,7 @@ from shared.settings import Settings
 from shared.store import Database
 from shared.store import dead_letters as dead_letter_store
 from shared.store import jobs as job_store
+from worker_service.relay_metrics import DEAD_MESSAGES_FILED
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class DeadLetterFiler:
             )
         )  # fmt: skip
         if new:
+            DEAD_MESSAGES_FILED.labels(verdict.error_type).inc()
             logger.warning("filed a dead message on %s: %s", queue, verdict.reason)
         return int(new)
 

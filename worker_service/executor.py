@@ -32,6 +32,7 @@ from shared.settings import Settings
 from shared.store import Database
 from shared.store import jobs as job_store
 from shared.store.db import Cursor
+from worker_service import metrics
 from worker_service.context import JobContext
 from worker_service.deadlines import DeadlineMonitor
 from worker_service.errors import FatalJobError, JobCancelled, JobTimeout
@@ -54,6 +55,8 @@ class Message(Protocol):
     def message_id(self) -> str: ...
     @property
     def redelivered(self) -> bool: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
 
     def fail(self) -> None: ...
 
@@ -84,7 +87,8 @@ class Executor:
             logger.error("dead-lettering message %r: its message_id is not a job id", message.message_id)
             message.fail()
             return
-        log = {"job_id": job_id, "job_type": job_type.name}
+        log: dict[str, Any] = {"job_id": job_id, "job_type": job_type.name,
+                               "request_id": message.options.get("request_id")}  # fmt: skip
         claim = self._with_db(lambda cur: job_store.claim_job(cur, job_id, self._settings.job_lease_seconds))
         if isinstance(claim, job_store.Missing):
             logger.error("dead-lettering message: no job has its id", extra=log)
@@ -98,19 +102,36 @@ class Executor:
             return
         job = claim.job
         log["attempt"] = job.attempts
+        labels = (job.type, job.queue)
+        if job.started_at is not None:
+            waited = (job.started_at - job.run_at).total_seconds()
+            metrics.QUEUE_WAIT.labels(*labels).observe(max(0.0, waited))
         logger.info("attempt started", extra=log)
+        timer = metrics.AttemptTimer(*labels)
         outcome = self._run_handler(job, handler)
         recorded = self._record(job, outcome)
+        error = outcome.error
         if not recorded:
+            timer.finish("discarded")
             logger.warning("outcome discarded: the attempt was taken over after its lease lapsed", extra=log)
         elif outcome.cancelled:
+            timer.finish("cancelled")
+            metrics.CANCELLED.labels(*labels).inc()
             logger.info("job cancelled by its handler on request", extra=log)
-        elif outcome.error is None:
+        elif error is None:
+            timer.finish("succeeded")
+            metrics.SUCCEEDED.labels(*labels).inc()
             logger.info("job succeeded", extra=log)
         elif outcome.retryable and job.attempts < job.max_attempts:
-            logger.warning("attempt failed, will retry: %s", outcome.error.detail, extra=log)
+            timer.finish("failed")
+            metrics.FAILED.labels(*labels, error.type).inc()
+            metrics.RETRIED.labels(*labels, error.type).inc()
+            logger.warning("attempt failed, will retry: %s", error.detail, extra=log)
         else:
-            logger.error("job failed: %s", outcome.error.detail, extra=log)
+            timer.finish("failed")
+            metrics.FAILED.labels(*labels, error.type).inc()
+            metrics.DEAD_LETTERED.labels(*labels, error.type).inc()
+            logger.error("job failed: %s", error.detail, extra=log)
             message.fail()  # dead-letter the message to the queue's XQ
 
     def _run_handler(self, job: Job, handler: Handler) -> Outcome:

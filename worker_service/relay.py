@@ -33,6 +33,7 @@ from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
+from worker_service import relay_metrics
 from worker_service.dead_letters import DeadLetterFiler
 
 logger = logging.getLogger(__name__)
@@ -99,8 +100,10 @@ class Relay:
         published_ids = [d.outbox_id for d in published if d.outbox_id is not None]
         self._db.execute(lambda cur: outbox_store.delete_published(cur, published_ids))
         report.published = len(published)
+        relay_metrics.OUTBOX_PUBLISHED.inc(len(published))
         unpublished = [d.outbox_id for d in due[len(published) :] if d.outbox_id is not None]
         if unpublished:
+            relay_metrics.OUTBOX_PUBLISH_FAILURES.inc()
             report.failed_publishes = len(unpublished)
             retry_in = self._settings.publish_backoff_seconds
             self._db.execute(
@@ -120,6 +123,7 @@ class Relay:
             )
         )
         for job in recovered:
+            relay_metrics.JOBS_LOST.labels(job.type, job.queue, job.status.value).inc()
             logger.warning(
                 "job's lease lapsed (worker lost); now %s", job.status,
                 extra={"job_id": job.id, "job_type": job.type, "attempt": job.attempts},
@@ -149,6 +153,7 @@ def main() -> None:
     publisher = Publisher(broker, settings.queue_prefix, settings.publish_backoff_seconds)
     filer = DeadLetterFiler(settings, db, DeadLetterReader(broker))
     stop = threading.Event()
+    stats = relay_metrics.serve(settings, db)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         logger.info("signal %s received, stopping after this round", signal.Signals(signum).name)
@@ -159,6 +164,8 @@ def main() -> None:
     try:
         Relay(settings, db, publisher, filer).run_forever(stop)
     finally:
+        if stats is not None:
+            stats.stop()
         publisher.close()
         db.close()
 

@@ -1,4 +1,5 @@
-"""The ``conveyor`` command: run the services, migrate the database, manage tenants and API keys.
+"""The ``conveyor`` command: run the services, migrate the database, manage tenants and API keys, and
+operate jobs through the HTTP API.
 
     conveyor migrate                 create the database if needed and apply pending migrations
     conveyor run                     run api + worker + relay in the foreground; Ctrl-C stops all three
@@ -7,6 +8,9 @@
     conveyor worker-alive --max-age S   liveness probe: exit 1 if a worker process stopped beating
     conveyor keys create|list|revoke        API keys
     conveyor tenants create|list|set        tenants and their limits
+    conveyor jobs submit|get|list|cancel|retry|watch   jobs, over HTTP (--url, --key)
+    conveyor dlq list|replay|purge                     dead letters, over HTTP
+    conveyor queues                                    queue statistics, over HTTP
 
 Errors are printed as one line on stderr with a non-zero exit code (2 for a usage mistake).
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.cli import admin, probes, processes
+from shared.cli import admin, probes, processes, remote
 from shared.errors import StoreUnavailable
 from shared.logs import configure_logging
 from shared.settings import SettingsError, get_settings
@@ -42,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(process=command)
     admin.add_parsers(commands)
     probes.add_parsers(commands)
+    remote.add_parsers(commands)
     return parser
 
 

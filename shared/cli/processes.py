@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from shared import heartbeat
+from shared import heartbeat, prometheus_dir
 from shared.errors import StoreUnavailable
 from shared.settings import Settings
 
@@ -64,12 +64,19 @@ def cmd_worker(settings: Settings, extra: list[str]) -> int:
     """Run the dramatiq worker (extra arguments go to dramatiq, e.g. -Q conveyor.default)."""
     if settings.worker_heartbeat_file:  # a restarted container must not see the last one's files
         heartbeat.clear(settings.worker_heartbeat_file)
+    if settings.worker_metrics_bind:  # every dramatiq process records here; one serves them all
+        path = os.environ.get(prometheus_dir.ENV) or prometheus_dir.default_dir(
+            "worker", settings.worker_metrics_bind
+        )
+        prometheus_dir.prepare(path)
+        os.environ[prometheus_dir.ENV] = path
     _exec([*worker_argv(settings), *extra])
     return 0  # pragma: no cover
 
 
 def cmd_relay(settings: Settings, extra: list[str]) -> int:
     """Run the outbox relay."""
+    os.environ.pop(prometheus_dir.ENV, None)  # one process: plain metrics, not the multiprocess files
     _exec(["-m", "worker_service.relay", *extra])
     return 0  # pragma: no cover
 

@@ -66,6 +66,7 @@ def insert_job(
     max_active_jobs: int,
     outbox_grace_seconds: float,
     idempotency: IdempotencyRecord | None = None,
+    request_id: str | None = None,
 ) -> tuple[Job, Dispatch | None]:
     """Insert a job, its outbox row and (optionally) its idempotency key in one statement.
 
@@ -78,10 +79,10 @@ def insert_job(
         f"""
         WITH job AS (
             INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
-                              timeout_seconds, run_at, labels)
+                              timeout_seconds, run_at, labels, request_id)
             SELECT %(id)s, %(tenant)s, %(type)s, %(queue)s, %(status)s, %(payload)s, %(priority)s,
                    %(max_attempts)s, %(timeout)s,
-                   COALESCE(%(run_at)s, now() + %(delay)s * interval '1 second'), %(labels)s
+                   COALESCE(%(run_at)s, now() + %(delay)s * interval '1 second'), %(labels)s, %(request_id)s
             WHERE (SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s)
                   < %(max_active)s
             RETURNING {_JOB_COLUMNS}
@@ -107,6 +108,7 @@ def insert_job(
         {
             "id": job_id,
             "tenant": tenant,
+            "request_id": request_id,
             "max_active": max_active_jobs,
             "type": new.type,
             "queue": new.queue,
@@ -134,7 +136,7 @@ def insert_job(
         )
     job = job_from_row(row)
     outbox_id, due_now = row[_WIDTH], row[_WIDTH + 1]
-    dispatch = Dispatch(job.id, job.type, job.queue, job.priority, outbox_id) if due_now else None
+    dispatch = Dispatch(job.id, job.type, job.queue, job.priority, outbox_id, request_id) if due_now else None
     return job, dispatch
 
 
@@ -543,3 +545,11 @@ def queue_counts(cur: Cursor) -> dict[str, QueueCounts]:
     return {
         row[0]: QueueCounts(int(row[1]), int(row[2]), int(row[3]), float(row[4])) for row in cur.fetchall()
     }
+
+
+def count_by_status(cur: Cursor) -> dict[str, int]:
+    """Jobs per status. A full count: callers cache it (the relay refreshes it every few seconds)."""
+    cur.execute("SELECT status, count(*) FROM jobs GROUP BY status")
+    counts = {status.value: 0 for status in JobStatus}
+    counts.update({status: int(n) for status, n in cur.fetchall()})
+    return counts

@@ -27,13 +27,14 @@ def lease_due(cur: Cursor, *, limit: int, lease_seconds: float) -> list[Dispatch
                           publish_attempts = publish_attempts + 1
         FROM due, jobs
         WHERE outbox.id = due.id AND jobs.id = outbox.job_id
-        RETURNING outbox.id, jobs.id, jobs.type, jobs.queue, jobs.priority, outbox.available_at
+        RETURNING outbox.id, jobs.id, jobs.type, jobs.queue, jobs.priority, jobs.request_id,
+                  outbox.available_at
         """,
         {"limit": limit, "lease": lease_seconds},
     )
-    rows = sorted(cur.fetchall(), key=lambda row: row[5])
-    return [Dispatch(job_id, job_type, queue, priority, outbox_id)
-            for outbox_id, job_id, job_type, queue, priority, _ in rows]  # fmt: skip
+    rows = sorted(cur.fetchall(), key=lambda row: row[6])
+    return [Dispatch(job_id, job_type, queue, priority, outbox_id, request_id)
+            for outbox_id, job_id, job_type, queue, priority, request_id, _ in rows]  # fmt: skip
 
 
 def delete_published(cur: Cursor, outbox_ids: Sequence[int]) -> None:

@@ -6,11 +6,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import ApiClient, dead_letter_of, peek_message_ids, wait_for
+from support import DEFAULT_QUEUE, ApiClient, dead_letter_of, peek_message_ids, wait_for
 
 pytestmark = pytest.mark.e2e
 
-DEAD_LETTERS = "conveyor_test.default.XQ"
+DEAD_LETTERS = DEFAULT_QUEUE + ".XQ"
 
 
 def submit(api: ApiClient, body: dict[str, object]) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 from conftest import TEST_TENANT, Keys
-from support import ApiClient, ServiceProcess, pg, queue_counts, rabbitmqctl, wait_for
+from support import DEFAULT_QUEUE, ApiClient, ServiceProcess, pg, queue_counts, rabbitmqctl, wait_for
 
 from shared.broker import Publisher, create_broker
 from shared.jobs import NewJob
@@ -21,7 +21,7 @@ from shared.store import jobs as job_store
 
 pytestmark = pytest.mark.e2e
 
-QUEUE = "conveyor_test.default"
+QUEUE = DEFAULT_QUEUE
 
 
 def submit(api: ApiClient, body: dict[str, object]) -> str:

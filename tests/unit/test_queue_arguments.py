@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.broker import MAX_PRIORITY, create_broker, queue_arguments
+from shared.broker import MAX_PRIORITY, UNLIMITED_DELIVERIES, create_broker, queue_arguments
 from shared.settings import Settings, SettingsError
 
 
@@ -33,16 +33,23 @@ def test_quorum_queue_dead_letters_with_a_delivery_limit_and_no_priority() -> No
     }
 
 
-def test_quorum_delay_queue_has_no_delivery_limit() -> None:
+def test_quorum_delay_queue_has_a_delivery_limit_never_reached() -> None:
     # -1 would mean "unlimited" on RabbitMQ 4 but dead-letters at the first return on 3.x.
     args = queue_arguments("conveyor.default", "quorum", 7)
     assert args.delay_queue["x-queue-type"] == "quorum"
-    assert "x-delivery-limit" not in args.delay_queue
+    assert args.delay_queue["x-delivery-limit"] == UNLIMITED_DELIVERIES
     assert "x-max-priority" not in args.delay_queue
 
 
-def test_quorum_dead_letter_queue_is_quorum_without_ttl_or_limit() -> None:
-    assert queue_arguments("conveyor.default", "quorum", 7).dead_letter_queue == {"x-queue-type": "quorum"}
+def test_quorum_dead_letter_queue_is_quorum_without_ttl_and_never_drops() -> None:
+    assert queue_arguments("conveyor.default", "quorum", 7).dead_letter_queue == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": UNLIMITED_DELIVERIES,
+    }
+
+
+def test_unlimited_is_a_positive_32_bit_integer() -> None:
+    assert 10**9 < UNLIMITED_DELIVERIES < 2**31
 
 
 def test_unknown_queue_type_is_refused() -> None:
