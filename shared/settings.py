@@ -269,6 +269,13 @@ class Settings:
         "Where the relay serves Prometheus metrics, including queue depth and backlog (0.0.0.0:9192 in "
         "a container). Empty: no metrics.",
     )
+    retention_seconds: int = setting(
+        "CONVEYOR_RETENTION_SECONDS",
+        7 * 86_400,
+        "How long a finished job (succeeded, cancelled, or failed and no longer a dead letter) is kept "
+        "before the relay deletes it. Dead letters are kept until an operator replays or purges them.",
+        minimum=60,
+    )
     queue_stats_refresh_seconds: float = setting(
         "CONVEYOR_QUEUE_STATS_REFRESH_SECONDS",
         10.0,

@@ -7,7 +7,8 @@ Each round it
    been reachable for a whole lease period: after an outage (or at the relay's start) the workers first
    get the chance to renew the leases they could not renew meanwhile;
 3. files what the queues' dead-letter queues hold in Postgres (``worker_service.dead_letters``);
-4. every minute, purges a batch of expired idempotency keys.
+4. every minute, purges expired idempotency keys and prunes finished jobs past
+   ``CONVEYOR_RETENTION_SECONDS``, in batches of a few hundred rows, at most a few batches a round.
 
 Several relays may run at once: rows are leased with ``FOR UPDATE SKIP LOCKED``. A duplicate publish
 (a relay dying between publish and delete) is harmless, because the worker's claim runs a job once.
@@ -41,8 +42,11 @@ logger = logging.getLogger(__name__)
 #: How long a relay holds the rows it is publishing. Generous: a batch normally takes milliseconds, and
 #: a relay that dies mid-batch only delays those rows by this much.
 OUTBOX_LEASE_SECONDS = 30.0
-KEY_PURGE_INTERVAL_SECONDS = 60.0
-KEY_PURGE_BATCH = 1000
+#: Pruning runs once a minute, in batches small enough that each DELETE holds its row locks for
+#: milliseconds, and stops after a few batches so publishing is never delayed for long.
+PRUNE_INTERVAL_SECONDS = 60.0
+PRUNE_BATCH = 500
+PRUNE_BATCHES_PER_ROUND = 20
 LAPSED_LEASE_BATCH = 100
 
 
@@ -52,6 +56,7 @@ class RoundReport:
     failed_publishes: int = 0
     recovered: int = 0
     purged_keys: int = 0
+    pruned_jobs: int = 0
     dead_letters_filed: int = 0
 
 
@@ -85,9 +90,22 @@ class Relay:
             except BrokerUnavailable as exc:
                 logger.warning("could not read the dead-letter queues: %s", exc)
         if time.monotonic() >= self._next_purge:
-            report.purged_keys = self._db.execute(lambda cur: key_store.purge_expired(cur, KEY_PURGE_BATCH))
-            self._next_purge = time.monotonic() + KEY_PURGE_INTERVAL_SECONDS
+            self._prune(report)
+            self._next_purge = time.monotonic() + PRUNE_INTERVAL_SECONDS
         return report
+
+    def _prune(self, report: RoundReport) -> None:
+        """Expired keys and old finished jobs, batch by batch, until done or the round's budget is spent."""
+        retention = self._settings.retention_seconds
+        for _ in range(PRUNE_BATCHES_PER_ROUND):
+            keys = self._db.execute(lambda cur: key_store.purge_expired(cur, PRUNE_BATCH))
+            jobs = self._db.execute(
+                lambda cur: job_store.prune_finished(cur, older_than_seconds=retention, limit=PRUNE_BATCH)
+            )
+            report.purged_keys += keys
+            report.pruned_jobs += jobs
+            if keys < PRUNE_BATCH and jobs < PRUNE_BATCH:
+                break
 
     def _publish_due(self, report: RoundReport) -> None:
         batch = self._settings.relay_batch_size

@@ -19,6 +19,7 @@ from shared.jobs import (
     CANCELLABLE_AT_ONCE,
     INITIAL_STATUS,
     RETRYABLE_BY_OPERATOR,
+    TERMINAL_STATUSES,
     WORKER_LOST,
     Job,
     JobError,
@@ -553,3 +554,27 @@ def count_by_status(cur: Cursor) -> dict[str, int]:
     counts = {status.value: 0 for status in JobStatus}
     counts.update({status: int(n) for status, n in cur.fetchall()})
     return counts
+
+
+def prune_finished(cur: Cursor, *, older_than_seconds: int, limit: int) -> int:
+    """Delete up to ``limit`` jobs finished longer ago than ``older_than_seconds``; how many.
+
+    Dead letters are never pruned (a failed job with a dead letter stays until an operator acts). Rows
+    are taken with SKIP LOCKED in one short statement, so pruning never waits on, or blocks, live work;
+    a job's outbox rows and idempotency key go with it (ON DELETE CASCADE).
+    """
+    cur.execute(
+        """
+        DELETE FROM jobs WHERE id IN (
+            SELECT j.id FROM jobs j
+            WHERE j.status = ANY(%(terminal)s)
+              AND j.finished_at < now() - %(age)s * interval '1 second'
+              AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.job_id = j.id)
+            ORDER BY j.finished_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        )
+        """,
+        {"terminal": [s.value for s in TERMINAL_STATUSES], "age": older_than_seconds, "limit": limit},
+    )
+    return int(cur.rowcount)

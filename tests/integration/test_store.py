@@ -239,3 +239,40 @@ def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> N
     with pg(dsn) as cur:
         cur.execute("SELECT key FROM idempotency_keys WHERE key IN (%s, %s)", (live, expired))
         assert cur.fetchall() == [(live,)]
+
+
+def test_pruning_deletes_old_finished_jobs_but_never_dead_letters(db: Database, dsn: str) -> None:
+    def finished(outcome: str) -> uuid.UUID:
+        job_id = insert(db, max_attempts=1)
+        claimed = claim(db, job_id)
+        assert isinstance(claimed, job_store.Claimed)
+        if outcome == "succeeded":
+            db.execute(lambda cur: job_store.record_success(cur, claimed.job, None))
+        else:
+            db.execute(lambda cur: job_store.record_failure(cur, claimed.job, ERROR))
+        return job_id
+
+    old_success, old_dead, old_purged, fresh_success = (
+        finished("succeeded"), finished("failed"), finished("failed"), finished("succeeded"),
+    )  # fmt: skip
+    waiting = insert(db)
+    with pg(dsn) as cur:
+        cur.execute(
+            "UPDATE jobs SET finished_at = now() - interval '2 days', created_at = now() - interval '2 days'"
+            " WHERE id = ANY(%s::uuid[])",
+            ([str(j) for j in (old_success, old_dead, old_purged, waiting)],),
+        )
+        cur.execute("DELETE FROM dead_letters WHERE job_id = %s", (str(old_purged),))
+    while db.execute(lambda cur: job_store.prune_finished(cur, older_than_seconds=86_400, limit=2)):
+        pass
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT id FROM jobs WHERE id = ANY(%s::uuid[])",
+            ([str(j) for j in (old_success, old_dead, old_purged, fresh_success, waiting)],),
+        )
+        left = {row[0] for row in cur.fetchall()}
+    assert left == {str(old_dead), str(fresh_success), str(waiting)} or left == {
+        old_dead,
+        fresh_success,
+        waiting,
+    }
