@@ -249,11 +249,11 @@ class Settings:
         "CONVEYOR_QUEUE_DELIVERY_LIMIT",
         20,
         "Quorum queues only: how often a message may come back unacknowledged (its worker died or "
-        "stopped holding it) before RabbitMQ dead-letters it to `.XQ`. Conveyor's claims already turn "
-        "copies of a started job into no-ops and its leases count lost attempts, so the limit only stops "
-        "a message that kills every worker before its claim commits; 20, RabbitMQ 4's default, leaves "
-        "room for many restarts of workers holding prefetched messages. Like the type, it cannot "
-        "change on an existing queue (a RabbitMQ `delivery-limit` policy can lower it).",
+        "stopped holding it) before RabbitMQ dead-letters it to `.XQ`, where the relay publishes it "
+        "again if its job still waits. Claims and leases already deal with jobs that kill their worker, "
+        "so this is a backstop; 20, RabbitMQ 4's default, stays out of the way of ordinary worker "
+        "restarts. Like the type, it cannot change on an existing queue (a RabbitMQ `delivery-limit` "
+        "policy can lower it).",
         minimum=1,
     )
     worker_heartbeat_file: str = setting(

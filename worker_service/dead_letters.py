@@ -6,8 +6,10 @@ What reaches a dead-letter queue, and what becomes of it:
   letter already exists (a trigger files it with the failure), so the message is simply acknowledged;
 - a message that is not a Conveyor job (not JSON, not a dramatiq message, an unknown job type, an id
   that names no job): filed verbatim with the reason, visible in ``GET /v1/dead-letters``;
-- anything else (say a quorum queue's delivery limit hit a job that is still running): acknowledged,
-  because the job's row in Postgres is the truth and its lease decides what happens next.
+- the message of a job still waiting to run (a quorum queue's delivery limit or a TTL dead-lettered it
+  before any worker claimed it): the job gets a new outbox row, so the relay publishes it again;
+- anything else (say a delivery limit hit a job that is running): acknowledged, because the job's row
+  in Postgres is the truth and its lease decides what happens next.
 
 So RabbitMQ never holds a dead letter for long, none expires, and every one stays visible until an
 operator replays or purges it.
@@ -96,7 +98,11 @@ class DeadLetterFiler:
         job = self._db.execute(lambda cur: job_store.get_job(cur, job_id))
         if job is None:
             return Verdict("UnknownJob", f"no job has the id {job_id}")
-        if job.status is not JobStatus.FAILED:
+        if job.status in (JobStatus.QUEUED, JobStatus.RETRYING):
+            if self._db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id)):
+                logger.warning("job %s lost its message (%s) before it ran; publishing it again",
+                               job_id, dead.death_reason)  # fmt: skip
+        elif job.status is not JobStatus.FAILED:
             logger.info("dropping a dead copy of job %s (%s, %s)", job_id, job.status, dead.death_reason)
         return None
 

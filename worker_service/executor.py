@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from shared.errors import StoreUnavailable
 from shared.job_types import JobType
-from shared.jobs import Job, JobError, retry_delay_seconds
+from shared.jobs import Job, JobError, JobStatus, retry_delay_seconds
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import jobs as job_store
@@ -109,27 +109,28 @@ class Executor:
         logger.info("attempt started", extra=log)
         timer = metrics.AttemptTimer(*labels)
         outcome = self._run_handler(job, handler)
-        recorded = self._record(job, outcome)
+        status = self._record(job, outcome)
         error = outcome.error
-        if not recorded:
+        if status is None:
             timer.finish("discarded")
             logger.warning("outcome discarded: the attempt was taken over after its lease lapsed", extra=log)
-        elif outcome.cancelled:
-            timer.finish("cancelled")
-            metrics.CANCELLED.labels(*labels).inc()
-            logger.info("job cancelled by its handler on request", extra=log)
-        elif error is None:
-            timer.finish("succeeded")
+            return
+        timer.finish("succeeded" if error is None and not outcome.cancelled else
+                     "cancelled" if outcome.cancelled else "failed")  # fmt: skip
+        if error is not None:
+            metrics.FAILED.labels(*labels, error.type).inc()
+        if status is JobStatus.SUCCEEDED:
             metrics.SUCCEEDED.labels(*labels).inc()
             logger.info("job succeeded", extra=log)
-        elif outcome.retryable and job.attempts < job.max_attempts:
-            timer.finish("failed")
-            metrics.FAILED.labels(*labels, error.type).inc()
+        elif status is JobStatus.CANCELLED:
+            metrics.CANCELLED.labels(*labels).inc()
+            logger.info("job cancelled on request%s", f" after: {error.detail}" if error else "", extra=log)
+        elif status is JobStatus.RETRYING:
+            assert error is not None
             metrics.RETRIED.labels(*labels, error.type).inc()
             logger.warning("attempt failed, will retry: %s", error.detail, extra=log)
         else:
-            timer.finish("failed")
-            metrics.FAILED.labels(*labels, error.type).inc()
+            assert error is not None
             metrics.DEAD_LETTERED.labels(*labels, error.type).inc()
             logger.error("job failed: %s", error.detail, extra=log)
             message.fail()  # dead-letter the message to the queue's XQ
@@ -175,18 +176,26 @@ class Executor:
                             str(exc), retryable=False)  # fmt: skip
         return Outcome(result=result)
 
-    def _record(self, job: Job, outcome: Outcome) -> bool:
+    def _record(self, job: Job, outcome: Outcome) -> JobStatus | None:
+        """Write the attempt's outcome; the status it left the job in, or None if it was taken over."""
         error = outcome.error
+
+        def written(ok: bool, status: JobStatus) -> JobStatus | None:
+            return status if ok else None
+
         if outcome.cancelled:
-            return self._with_db(lambda cur: job_store.record_cancelled(cur, job))
+            return written(
+                self._with_db(lambda cur: job_store.record_cancelled(cur, job)), JobStatus.CANCELLED
+            )
         if error is None:
-            return self._with_db(lambda cur: job_store.record_success(cur, job, outcome.result))
+            ok = self._with_db(lambda cur: job_store.record_success(cur, job, outcome.result))
+            return written(ok, JobStatus.SUCCEEDED)
         if outcome.retryable and job.attempts < job.max_attempts:
             delay = retry_delay_seconds(
                 job.attempts, base=self._settings.retry_base_seconds, cap=self._settings.retry_max_seconds
             )
             return self._with_db(lambda cur: job_store.record_retry(cur, job, error, delay))
-        return self._with_db(lambda cur: job_store.record_failure(cur, job, error))
+        return written(self._with_db(lambda cur: job_store.record_failure(cur, job, error)), JobStatus.FAILED)
 
     def _report_progress(self, job: Job, percent: float | None, text: str | None) -> None:
         progress = {"percent": percent, "message": text}

@@ -278,6 +278,24 @@ def retry_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None) -> tuple[bool,
     return bool(moved), get_job(cur, job_id, tenant)
 
 
+def ensure_dispatch(cur: Cursor, job_id: uuid.UUID) -> bool:
+    """Give a waiting job (queued or retrying) a new outbox row if it has none; True if one was added.
+
+    For a job whose only message RabbitMQ dead-lettered before any worker claimed it (a quorum queue's
+    delivery limit, a message TTL): without this the job would wait forever.
+    """
+    cur.execute(
+        """
+        INSERT INTO outbox (job_id, available_at)
+        SELECT id, run_at FROM jobs
+        WHERE id = %(id)s AND status IN (%(queued)s, %(retrying)s)
+          AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.job_id = jobs.id)
+        """,
+        {"id": job_id, "queued": JobStatus.QUEUED.value, "retrying": JobStatus.RETRYING.value},
+    )
+    return bool(cur.rowcount == 1)
+
+
 # --- the worker's side -----------------------------------------------------------------------------
 
 
@@ -350,8 +368,9 @@ def record_success(cur: Cursor, job: Job, result: Any) -> bool:
     return bool(cur.rowcount == 1)
 
 
-def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -> bool:
-    """Running → retrying, with the next attempt's outbox row due after ``delay_seconds``.
+def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -> JobStatus | None:
+    """Running → retrying, with the next attempt's outbox row due after ``delay_seconds``; returns the
+    status written (None if the attempt was taken over meanwhile).
 
     A job whose cancellation was requested meanwhile goes to ``cancelled`` instead: no new attempt.
     """
@@ -369,7 +388,7 @@ def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -
             INSERT INTO outbox (job_id, available_at)
             SELECT id, run_at FROM retried WHERE status = %(retrying)s
         )
-        SELECT count(*) FROM retried
+        SELECT status FROM retried
         """,  # noqa: S608
         {
             "id": job.id,
@@ -382,7 +401,7 @@ def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -
         },
     )
     row = cur.fetchone()
-    return bool(row and row[0] == 1)
+    return JobStatus(row[0]) if row else None
 
 
 def record_cancelled(cur: Cursor, job: Job) -> bool:

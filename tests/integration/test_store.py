@@ -201,7 +201,7 @@ def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> No
     assert isinstance(claimed, job_store.Claimed)
     with pg(dsn) as cur:
         cur.execute("DELETE FROM outbox WHERE job_id = %s", (str(job_id),))
-    assert db.execute(lambda cur: job_store.record_retry(cur, claimed.job, ERROR, 30.0))
+    assert db.execute(lambda cur: job_store.record_retry(cur, claimed.job, ERROR, 30.0)) is JobStatus.RETRYING
     with pg(dsn) as cur:
         cur.execute(
             "SELECT j.status, j.error->>'type', o.available_at - now() > interval '25 seconds' "
@@ -276,3 +276,14 @@ def test_pruning_deletes_old_finished_jobs_but_never_dead_letters(db: Database, 
         fresh_success,
         waiting,
     }
+
+
+def test_a_waiting_job_whose_message_died_gets_a_new_one(db: Database, dsn: str) -> None:
+    job_id = insert(db)
+    with pg(dsn) as cur:  # published long ago; then RabbitMQ dead-lettered its only message
+        cur.execute("DELETE FROM outbox WHERE job_id = %s", (str(job_id),))
+    assert db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id))
+    assert not db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id)), "one new message, not two"
+    claimed = claim(db, job_id)
+    assert isinstance(claimed, job_store.Claimed)
+    assert not db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id)), "a running job needs none"

@@ -67,7 +67,7 @@ def test_message_names_the_job_type_as_actor_and_the_prefixed_queue() -> None:
 
 def test_message_carries_priority_and_no_arguments() -> None:
     message = build_message(DISPATCH, "conveyor.")
-    assert message.options == {"broker_priority": 7}
+    assert message.options == {"broker_priority": 7, "request_id": None}
     assert tuple(message.args) == ()
     assert message.kwargs == {}
 
@@ -83,7 +83,7 @@ def test_message_survives_the_dramatiq_encoder() -> None:
     assert decoded.message_id == str(JOB_ID)
     assert decoded.actor_name == "demo.sleep"
     assert decoded.queue_name == "conveyor.default"
-    assert decoded.options == {"broker_priority": 7}
+    assert decoded.options == {"broker_priority": 7, "request_id": None}
 
 
 def test_encoded_message_carries_no_payload() -> None:
