@@ -30,7 +30,7 @@ from shared.job_types import JobType
 from shared.jobs import Job, JobError, JobStatus, retry_delay_seconds
 from shared.settings import Settings
 from shared.store import Database
-from shared.store import jobs as job_store
+from shared.store import attempts as attempt_store
 from shared.store.db import Cursor
 from worker_service import metrics
 from worker_service.context import JobContext
@@ -89,12 +89,14 @@ class Executor:
             return
         log: dict[str, Any] = {"job_id": job_id, "job_type": job_type.name,
                                "request_id": message.options.get("request_id")}  # fmt: skip
-        claim = self._with_db(lambda cur: job_store.claim_job(cur, job_id, self._settings.job_lease_seconds))
-        if isinstance(claim, job_store.Missing):
+        claim = self._with_db(
+            lambda cur: attempt_store.claim_job(cur, job_id, self._settings.job_lease_seconds)
+        )
+        if isinstance(claim, attempt_store.Missing):
             logger.error("dead-lettering message: no job has its id", extra=log)
             message.fail()
             return
-        if isinstance(claim, job_store.NotClaimable):
+        if isinstance(claim, attempt_store.NotClaimable):
             logger.info(
                 "skipping message: job is %s%s", claim.status, " and not yet due" if claim.due_later else "",
                 extra={**log, "redelivered": message.redelivered},
@@ -185,22 +187,24 @@ class Executor:
 
         if outcome.cancelled:
             return written(
-                self._with_db(lambda cur: job_store.record_cancelled(cur, job)), JobStatus.CANCELLED
+                self._with_db(lambda cur: attempt_store.record_cancelled(cur, job)), JobStatus.CANCELLED
             )
         if error is None:
-            ok = self._with_db(lambda cur: job_store.record_success(cur, job, outcome.result))
+            ok = self._with_db(lambda cur: attempt_store.record_success(cur, job, outcome.result))
             return written(ok, JobStatus.SUCCEEDED)
         if outcome.retryable and job.attempts < job.max_attempts:
             delay = retry_delay_seconds(
                 job.attempts, base=self._settings.retry_base_seconds, cap=self._settings.retry_max_seconds
             )
-            return self._with_db(lambda cur: job_store.record_retry(cur, job, error, delay))
-        return written(self._with_db(lambda cur: job_store.record_failure(cur, job, error)), JobStatus.FAILED)
+            return self._with_db(lambda cur: attempt_store.record_retry(cur, job, error, delay))
+        return written(
+            self._with_db(lambda cur: attempt_store.record_failure(cur, job, error)), JobStatus.FAILED
+        )
 
     def _report_progress(self, job: Job, percent: float | None, text: str | None) -> None:
         progress = {"percent": percent, "message": text}
         try:
-            if self._db.execute(lambda cur: job_store.record_progress(cur, job, progress)):
+            if self._db.execute(lambda cur: attempt_store.record_progress(cur, job, progress)):
                 self._leases.note_cancel_requested(job.id)
         except StoreUnavailable as exc:
             logger.warning("could not record progress: %s", exc, extra={"job_id": job.id})

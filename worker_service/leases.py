@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from shared import heartbeat
 from shared.errors import StoreUnavailable
 from shared.store import Database
-from shared.store import jobs as job_store
+from shared.store import attempts as attempt_store
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LeaseKeeper:
             due = [(a.job_id, a.attempt) for a in self._running.values() if a.renew_until > now]
         if not due:
             return 0
-        cancelled = self._db.execute(lambda cur: job_store.renew_leases(cur, due, self._lease))
+        cancelled = self._db.execute(lambda cur: attempt_store.renew_leases(cur, due, self._lease))
         for job_id in cancelled:
             self.note_cancel_requested(job_id)
         return len(due)

@@ -31,6 +31,7 @@ from shared.errors import BrokerUnavailable, StoreUnavailable
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 from shared.store import Database
+from shared.store import attempts as attempt_store
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
@@ -133,7 +134,7 @@ class Relay:
 
     def _recover_lapsed(self, report: RoundReport) -> None:
         recovered = self._db.execute(
-            lambda cur: job_store.recover_lapsed_leases(
+            lambda cur: attempt_store.recover_lapsed_leases(
                 cur,
                 limit=LAPSED_LEASE_BATCH,
                 retry_base=self._settings.retry_base_seconds,

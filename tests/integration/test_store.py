@@ -15,6 +15,7 @@ from shared.errors import IllegalTransition
 from shared.jobs import TRANSITIONS, JobError, JobStatus, NewJob, transition_rows
 from shared.settings import Settings
 from shared.store import Database
+from shared.store import attempts as attempt_store
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
@@ -51,8 +52,8 @@ def insert(db: Database, **overrides: object) -> uuid.UUID:
     return job_id
 
 
-def claim(db: Database, job_id: uuid.UUID, lease: float = 30) -> job_store.ClaimResult:
-    return db.execute(lambda cur: job_store.claim_job(cur, job_id, lease))
+def claim(db: Database, job_id: uuid.UUID, lease: float = 30) -> attempt_store.ClaimResult:
+    return db.execute(lambda cur: attempt_store.claim_job(cur, job_id, lease))
 
 
 def status_of(dsn: str, job_id: uuid.UUID) -> str:
@@ -105,47 +106,47 @@ def test_a_job_cannot_be_inserted_already_finished(dsn: str, database: str) -> N
 def test_claim_is_compare_and_set(db: Database) -> None:
     job_id = insert(db)
     first = claim(db, job_id)
-    assert isinstance(first, job_store.Claimed)
+    assert isinstance(first, attempt_store.Claimed)
     assert first.job.attempts == 1
     assert first.job.status is JobStatus.RUNNING
     second = claim(db, job_id)
-    assert second == job_store.NotClaimable(JobStatus.RUNNING, due_later=False)
+    assert second == attempt_store.NotClaimable(JobStatus.RUNNING, due_later=False)
 
 
 def test_claim_refuses_a_job_that_is_not_due(db: Database) -> None:
     job_id = insert(db, delay_seconds=60.0)
-    assert claim(db, job_id) == job_store.NotClaimable(JobStatus.QUEUED, due_later=True)
+    assert claim(db, job_id) == attempt_store.NotClaimable(JobStatus.QUEUED, due_later=True)
 
 
 def test_claim_of_unknown_job_reports_missing(db: Database) -> None:
-    assert isinstance(claim(db, uuid.uuid4()), job_store.Missing)
+    assert isinstance(claim(db, uuid.uuid4()), attempt_store.Missing)
 
 
 def test_finished_job_is_never_claimed_again(db: Database) -> None:
     job_id = insert(db)
     claimed = claim(db, job_id)
-    assert isinstance(claimed, job_store.Claimed)
-    assert db.execute(lambda cur: job_store.record_success(cur, claimed.job, {"ok": True}))
-    assert claim(db, job_id) == job_store.NotClaimable(JobStatus.SUCCEEDED, due_later=False)
+    assert isinstance(claimed, attempt_store.Claimed)
+    assert db.execute(lambda cur: attempt_store.record_success(cur, claimed.job, {"ok": True}))
+    assert claim(db, job_id) == attempt_store.NotClaimable(JobStatus.SUCCEEDED, due_later=False)
 
 
 def test_outcome_of_a_taken_over_attempt_is_discarded(db: Database, dsn: str) -> None:
     job_id = insert(db, max_attempts=3)
     stale = claim(db, job_id)
-    assert isinstance(stale, job_store.Claimed)
+    assert isinstance(stale, attempt_store.Claimed)
     with pg(dsn) as cur:  # the lease lapses and the relay re-queues the job
         cur.execute(
             "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (str(job_id),)
         )
     recovered = db.execute(
-        lambda cur: job_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0)
+        lambda cur: attempt_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0)
     )
     assert job_id in {j.id for j in recovered}
     fresh = claim(db, job_id)
-    assert isinstance(fresh, job_store.Claimed)
+    assert isinstance(fresh, attempt_store.Claimed)
     assert fresh.job.attempts == 2
-    assert not db.execute(lambda cur: job_store.record_success(cur, stale.job, "stale"))
-    assert db.execute(lambda cur: job_store.record_success(cur, fresh.job, "fresh"))
+    assert not db.execute(lambda cur: attempt_store.record_success(cur, stale.job, "stale"))
+    assert db.execute(lambda cur: attempt_store.record_success(cur, fresh.job, "fresh"))
     job = db.execute(lambda cur: job_store.get_job(cur, job_id))
     assert job is not None
     assert (job.status, job.result, job.attempts) == (JobStatus.SUCCEEDED, "fresh", 2)
@@ -153,9 +154,9 @@ def test_outcome_of_a_taken_over_attempt_is_discarded(db: Database, dsn: str) ->
 
 def test_lapsed_lease_fails_the_job_when_attempts_are_used_up(db: Database, dsn: str) -> None:
     job_id = insert(db, max_attempts=1)
-    assert isinstance(claim(db, job_id, lease=0.01), job_store.Claimed)
+    assert isinstance(claim(db, job_id, lease=0.01), attempt_store.Claimed)
     time.sleep(0.05)
-    db.execute(lambda cur: job_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0))
+    db.execute(lambda cur: attempt_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0))
     job = db.execute(lambda cur: job_store.get_job(cur, job_id))
     assert job is not None
     assert job.status is JobStatus.FAILED
@@ -175,22 +176,24 @@ def lease_left(dsn: str, job_id: uuid.UUID) -> float:
 
 def test_renewal_reports_a_cancel_request(db: Database, dsn: str) -> None:
     job_id = insert(db)
-    assert isinstance(claim(db, job_id), job_store.Claimed)
+    assert isinstance(claim(db, job_id), attempt_store.Claimed)
     assert db.run(lambda cur: job_store.cancel_job(cur, job_id, None)).cancel_requested_at is not None  # type: ignore[union-attr]
-    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 1)], 30)) == {job_id}
+    assert db.execute(lambda cur: attempt_store.renew_leases(cur, [(job_id, 1)], 30)) == {job_id}
 
 
 def test_renewed_lease_keeps_the_job_running(db: Database, dsn: str) -> None:
     job_id = insert(db)
     claimed = claim(db, job_id, lease=0.5)
-    assert isinstance(claimed, job_store.Claimed)
-    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 2)], 3600)) == set()  # wrong attempt
+    assert isinstance(claimed, attempt_store.Claimed)
+    assert (
+        db.execute(lambda cur: attempt_store.renew_leases(cur, [(job_id, 2)], 3600)) == set()
+    )  # wrong attempt
     assert lease_left(dsn, job_id) < 1, "another attempt's renewal changed nothing"
-    assert db.execute(lambda cur: job_store.renew_leases(cur, [(job_id, 1)], 30)) == set()
+    assert db.execute(lambda cur: attempt_store.renew_leases(cur, [(job_id, 1)], 30)) == set()
     assert 25 < lease_left(dsn, job_id) <= 30
     time.sleep(0.6)
     recovered = db.execute(
-        lambda cur: job_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0)
+        lambda cur: attempt_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0)
     )
     assert job_id not in {j.id for j in recovered}
 
@@ -198,10 +201,13 @@ def test_renewed_lease_keeps_the_job_running(db: Database, dsn: str) -> None:
 def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> None:
     job_id = insert(db)
     claimed = claim(db, job_id)
-    assert isinstance(claimed, job_store.Claimed)
+    assert isinstance(claimed, attempt_store.Claimed)
     with pg(dsn) as cur:
         cur.execute("DELETE FROM outbox WHERE job_id = %s", (str(job_id),))
-    assert db.execute(lambda cur: job_store.record_retry(cur, claimed.job, ERROR, 30.0)) is JobStatus.RETRYING
+    assert (
+        db.execute(lambda cur: attempt_store.record_retry(cur, claimed.job, ERROR, 30.0))
+        is JobStatus.RETRYING
+    )
     with pg(dsn) as cur:
         cur.execute(
             "SELECT j.status, j.error->>'type', o.available_at - now() > interval '25 seconds' "
@@ -209,7 +215,7 @@ def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> No
             (str(job_id),),
         )
         assert cur.fetchall() == [("retrying", "Boom", True)]
-    assert claim(db, job_id) == job_store.NotClaimable(JobStatus.RETRYING, due_later=True)
+    assert claim(db, job_id) == attempt_store.NotClaimable(JobStatus.RETRYING, due_later=True)
 
 
 def test_outbox_leaves_fresh_rows_to_their_writer_then_takes_them(db: Database) -> None:
@@ -245,11 +251,11 @@ def test_pruning_deletes_old_finished_jobs_but_never_dead_letters(db: Database, 
     def finished(outcome: str) -> uuid.UUID:
         job_id = insert(db, max_attempts=1)
         claimed = claim(db, job_id)
-        assert isinstance(claimed, job_store.Claimed)
+        assert isinstance(claimed, attempt_store.Claimed)
         if outcome == "succeeded":
-            db.execute(lambda cur: job_store.record_success(cur, claimed.job, None))
+            db.execute(lambda cur: attempt_store.record_success(cur, claimed.job, None))
         else:
-            db.execute(lambda cur: job_store.record_failure(cur, claimed.job, ERROR))
+            db.execute(lambda cur: attempt_store.record_failure(cur, claimed.job, ERROR))
         return job_id
 
     old_success, old_dead, old_purged, fresh_success = (
@@ -285,5 +291,5 @@ def test_a_waiting_job_whose_message_died_gets_a_new_one(db: Database, dsn: str)
     assert db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id))
     assert not db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id)), "one new message, not two"
     claimed = claim(db, job_id)
-    assert isinstance(claimed, job_store.Claimed)
+    assert isinstance(claimed, attempt_store.Claimed)
     assert not db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id)), "a running job needs none"

@@ -1,0 +1,251 @@
+"""SQL for attempts: the worker's claim, its outcome, lease renewals, and the relay's recovery of
+attempts whose worker was lost. One statement each in the common case.
+
+Outcome writes are fenced on ``attempts``: a worker whose attempt was taken over (its lease lapsed)
+can no longer write a result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.jobs import WORKER_LOST, Job, JobError, JobStatus, sources_of
+from shared.store.db import Cursor, json_param
+from shared.store.jobs import JOB_COLUMNS, job_from_row
+
+_CLAIMABLE = [s.value for s in sources_of(JobStatus.RUNNING)]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job: Job
+
+
+@dataclass(frozen=True)
+class NotClaimable:
+    """The job exists but may not start now: it is finished, running elsewhere, or not yet due."""
+
+    status: JobStatus
+    due_later: bool
+
+
+@dataclass(frozen=True)
+class Missing:
+    """No job has the message's id."""
+
+
+ClaimResult = Claimed | NotClaimable | Missing
+
+
+def claim_job(cur: Cursor, job_id: uuid.UUID, lease_seconds: float) -> ClaimResult:
+    """Compare-and-set a due job from queued/retrying to running, counting the attempt.
+
+    One statement in the common case; a second one only to explain a refusal.
+    """
+    cur.execute(
+        f"""
+        UPDATE jobs
+        SET status = %(running)s, attempts = attempts + 1, started_at = now(), updated_at = now(),
+            progress = NULL, lease_expires_at = now() + %(lease)s * interval '1 second'
+        WHERE id = %(id)s AND status = ANY(%(claimable)s) AND run_at <= now()
+        RETURNING {JOB_COLUMNS}
+        """,  # noqa: S608
+        {"id": job_id, "running": JobStatus.RUNNING.value, "claimable": _CLAIMABLE, "lease": lease_seconds},
+    )
+    row = cur.fetchone()
+    if row:
+        return Claimed(job_from_row(row))
+    cur.execute("SELECT status, run_at > now() FROM jobs WHERE id = %s", (job_id,))
+    found = cur.fetchone()
+    if found is None:
+        return Missing()
+    return NotClaimable(JobStatus(found[0]), bool(found[1]))
+
+
+def _fence() -> str:
+    return "id = %(id)s AND status = %(running)s AND attempts = %(attempt)s"
+
+
+def record_success(cur: Cursor, job: Job, result: Any) -> bool:
+    """Running → succeeded for this attempt. False if the attempt was taken over meanwhile."""
+    cur.execute(
+        f"""
+        UPDATE jobs SET status = %(succeeded)s, result = %(result)s, error = NULL, finished_at = now(),
+                        updated_at = now(), lease_expires_at = NULL
+        WHERE {_fence()}
+        """,  # noqa: S608
+        {
+            "id": job.id,
+            "running": JobStatus.RUNNING.value,
+            "attempt": job.attempts,
+            "succeeded": JobStatus.SUCCEEDED.value,
+            "result": json_param(result),
+        },
+    )
+    return bool(cur.rowcount == 1)
+
+
+def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -> JobStatus | None:
+    """Running → retrying, with the next attempt's outbox row due after ``delay_seconds``; returns the
+    status written (None if the attempt was taken over meanwhile).
+
+    A job whose cancellation was requested meanwhile goes to ``cancelled`` instead: no new attempt.
+    """
+    cur.execute(
+        f"""
+        WITH retried AS (
+            UPDATE jobs SET
+                status = CASE WHEN cancel_requested_at IS NULL THEN %(retrying)s ELSE %(cancelled)s END,
+                finished_at = CASE WHEN cancel_requested_at IS NULL THEN NULL ELSE now() END,
+                error = %(error)s, updated_at = now(),
+                run_at = now() + %(delay)s * interval '1 second', lease_expires_at = NULL
+            WHERE {_fence()}
+            RETURNING id, run_at, status
+        ), outbox_row AS (
+            INSERT INTO outbox (job_id, available_at)
+            SELECT id, run_at FROM retried WHERE status = %(retrying)s
+        )
+        SELECT status FROM retried
+        """,  # noqa: S608
+        {
+            "id": job.id,
+            "running": JobStatus.RUNNING.value,
+            "attempt": job.attempts,
+            "retrying": JobStatus.RETRYING.value,
+            "cancelled": JobStatus.CANCELLED.value,
+            "error": json_param(error.as_dict()),
+            "delay": delay_seconds,
+        },
+    )
+    row = cur.fetchone()
+    return JobStatus(row[0]) if row else None
+
+
+def record_cancelled(cur: Cursor, job: Job) -> bool:
+    """Running → cancelled: the handler stopped because cancellation was requested."""
+    cur.execute(
+        f"""
+        UPDATE jobs SET status = %(cancelled)s, finished_at = now(), updated_at = now(),
+                        lease_expires_at = NULL
+        WHERE {_fence()}
+        """,  # noqa: S608
+        {
+            "id": job.id,
+            "running": JobStatus.RUNNING.value,
+            "attempt": job.attempts,
+            "cancelled": JobStatus.CANCELLED.value,
+        },
+    )
+    return bool(cur.rowcount == 1)
+
+
+def record_failure(cur: Cursor, job: Job, error: JobError) -> bool:
+    """Running → failed (fatal error or attempts exhausted)."""
+    cur.execute(
+        f"""
+        UPDATE jobs SET status = %(failed)s, error = %(error)s, finished_at = now(),
+                        updated_at = now(), lease_expires_at = NULL
+        WHERE {_fence()}
+        """,  # noqa: S608
+        {
+            "id": job.id,
+            "running": JobStatus.RUNNING.value,
+            "attempt": job.attempts,
+            "failed": JobStatus.FAILED.value,
+            "error": json_param(error.as_dict()),
+        },
+    )
+    return bool(cur.rowcount == 1)
+
+
+def record_progress(cur: Cursor, job: Job, progress: dict[str, Any]) -> bool:
+    """Store progress; returns whether cancellation of the job has been requested."""
+    cur.execute(
+        f"UPDATE jobs SET progress = %(progress)s, updated_at = now() WHERE {_fence()}"  # noqa: S608
+        " RETURNING cancel_requested_at IS NOT NULL",
+        {
+            "id": job.id,
+            "running": JobStatus.RUNNING.value,
+            "attempt": job.attempts,
+            "progress": json_param(progress),
+        },
+    )
+    row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def renew_leases(
+    cur: Cursor, running: Sequence[tuple[uuid.UUID, int]], lease_seconds: float
+) -> set[uuid.UUID]:
+    """Extend the lease of each (job id, attempt) still running; returns those asked to cancel."""
+    if not running:
+        return set()
+    cur.execute(
+        """
+        UPDATE jobs SET lease_expires_at = now() + %(lease)s * interval '1 second'
+        FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS mine(id, attempts)
+        WHERE jobs.id = mine.id AND jobs.attempts = mine.attempts AND jobs.status = %(running)s
+        RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL
+        """,
+        {
+            "lease": lease_seconds,
+            "ids": [job_id for job_id, _ in running],
+            "attempts": [attempt for _, attempt in running],
+            "running": JobStatus.RUNNING.value,
+        },
+    )
+    return {job_id for job_id, cancel in cur.fetchall() if cancel}
+
+
+def recover_lapsed_leases(cur: Cursor, *, limit: int, retry_base: float, retry_cap: float) -> list[Job]:
+    """Running jobs whose lease lapsed: retry them (with backoff) or fail them if out of attempts.
+
+    The attempt that was lost counts, so a job that kills its worker every time ends up ``failed``
+    after ``max_attempts`` instead of looping forever.
+    """
+    cur.execute(
+        f"""
+        WITH lapsed AS (
+            SELECT id FROM jobs
+            WHERE status = %(running)s AND lease_expires_at < now()
+            ORDER BY lease_expires_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ), moved AS (
+            UPDATE jobs SET
+                status = CASE WHEN jobs.cancel_requested_at IS NOT NULL THEN %(cancelled)s
+                              WHEN jobs.attempts < jobs.max_attempts THEN %(retrying)s
+                              ELSE %(failed)s END,
+                error = jsonb_build_object('type', %(type)s::text, 'title', %(title)s::text,
+                                           'detail', %(detail)s::text, 'attempt', jobs.attempts),
+                run_at = now() + least(%(cap)s, %(base)s * 2 ^ least(jobs.attempts - 1, 60))
+                                 * interval '1 second',
+                finished_at = CASE WHEN jobs.attempts < jobs.max_attempts
+                                        AND jobs.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+                lease_expires_at = NULL,
+                updated_at = now()
+            FROM lapsed WHERE jobs.id = lapsed.id
+            RETURNING {", ".join("jobs." + c for c in JOB_COLUMNS.split(", "))}
+        ), outbox_rows AS (
+            INSERT INTO outbox (job_id, available_at)
+            SELECT id, run_at FROM moved WHERE status = %(retrying)s
+        )
+        SELECT * FROM moved
+        """,  # noqa: S608
+        {
+            "running": JobStatus.RUNNING.value,
+            "retrying": JobStatus.RETRYING.value,
+            "failed": JobStatus.FAILED.value,
+            "cancelled": JobStatus.CANCELLED.value,
+            "limit": limit,
+            "type": WORKER_LOST.type,
+            "title": WORKER_LOST.title,
+            "detail": WORKER_LOST.detail,
+            "base": retry_base,
+            "cap": retry_cap,
+        },
+    )
+    return [job_from_row(row) for row in cur.fetchall()]
