@@ -86,19 +86,20 @@ def check(
     expected_processes: int,
     now: float | None = None,
     exists: Callable[[int], bool] = process_exists,
+    what: str = "worker",
 ) -> Verdict:
-    """Whether every worker process beat within ``max_age`` seconds, and enough of them did."""
+    """Whether every process beat within ``max_age`` seconds, and enough of them did."""
     now = time.time() if now is None else now
     ages = {pid: now - mtime for pid, mtime in heartbeats(base).items() if exists(pid)}
     stale = {pid: age for pid, age in sorted(ages.items()) if age > max_age}
     if stale:
         listed = ", ".join(f"pid {pid} {age:.0f}s ago" for pid, age in stale.items())
-        return Verdict(False, f"worker process(es) stopped beating (limit {max_age:g}s): {listed}")
+        return Verdict(False, f"{what} process(es) stopped beating (limit {max_age:g}s): {listed}")
     if len(ages) < max(1, expected_processes):
         return Verdict(
             False,
-            f"{len(ages)} of {expected_processes} worker processes have a heartbeat file {base}.<pid> "
-            "(still starting, or CONVEYOR_WORKER_HEARTBEAT_FILE differs between worker and probe)",
+            f"{len(ages)} of {expected_processes} {what} processes have a heartbeat file {base}.<pid> "
+            "(still starting, or the heartbeat file setting differs between the process and the probe)",
         )
     newest = min(ages.values())
-    return Verdict(True, f"{len(ages)} worker process(es) alive, newest heartbeat {newest:.0f}s ago")
+    return Verdict(True, f"{len(ages)} {what} process(es) alive, newest heartbeat {newest:.0f}s ago")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -24,3 +25,15 @@ def prepare(path: str) -> None:
     for name in os.listdir(path):
         if name.endswith(".db"):
             os.remove(os.path.join(path, name))
+
+
+def port_free(bind: str) -> bool:
+    """Whether ``host:port`` can be listened on now (another server may hold it)."""
+    host, _, port = bind.rpartition(":")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host or "0.0.0.0", int(port)))  # noqa: S104 - only probing
+        except OSError:
+            return False
+    return True

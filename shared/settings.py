@@ -219,9 +219,9 @@ class Settings:
     relay_poll_seconds: float = setting(
         "CONVEYOR_RELAY_POLL_SECONDS",
         0.5,
-        "How often the relay looks for due outbox rows and lapsed leases when idle (expired "
-        "idempotency keys are purged once a minute). Bounds the extra latency of a retry or a "
-        "scheduled job.",
+        "How often the relay looks for due outbox rows, lapsed leases and dead letters when idle "
+        "(expired idempotency keys and old finished jobs are pruned once a minute). Bounds the extra "
+        "latency of a retry or a scheduled job.",
         minimum=0.01,
     )
     relay_batch_size: int = setting(
@@ -262,6 +262,13 @@ class Settings:
         "If set, every worker process touches `<this path>.<pid>` every third of "
         "CONVEYOR_JOB_LEASE_SECONDS, and `conveyor worker-alive` (a liveness probe) fails when one of "
         "them goes stale. Empty: no heartbeat. Containers use /tmp/conveyor-worker-heartbeat.",
+    )
+    relay_heartbeat_file: str = setting(
+        "CONVEYOR_RELAY_HEARTBEAT_FILE",
+        "",
+        "If set, the relay touches `<this path>.<pid>` after every round, and `conveyor relay-alive` (a "
+        "liveness probe) fails when it goes stale: a relay stuck on a hung connection gets restarted. "
+        "Empty: no heartbeat. Containers use /tmp/conveyor-relay-heartbeat.",
     )
     relay_metrics_bind: str = setting(
         "CONVEYOR_RELAY_METRICS_BIND",

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 #: Messages taken from one dead-letter queue per round.
 BATCH = 100
+#: Most of a dead message kept in Postgres (its sha256 covers all of it): enough to see what it was,
+#: while nobody who can publish to RabbitMQ can fill the database with huge ones.
+MAX_KEPT_BYTES = 16_384
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ class DeadLetterFiler:
         verdict = self._judge(message)
         if verdict is None:
             return 0
-        text = _as_text(message.body)
+        text = _as_text(message.body[:MAX_KEPT_BYTES])
+        if len(message.body) > MAX_KEPT_BYTES:
+            text += f"... [{len(message.body) - MAX_KEPT_BYTES} more bytes not kept]"
         digest = hashlib.sha256(message.body).hexdigest()
         new = self._db.execute(
             lambda cur: dead_letter_store.file_message(

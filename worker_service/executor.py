@@ -110,7 +110,7 @@ class Executor:
             metrics.QUEUE_WAIT.labels(*labels).observe(max(0.0, waited))
         logger.info("attempt started", extra=log)
         timer = metrics.AttemptTimer(*labels)
-        outcome = self._run_handler(job, handler)
+        outcome = self._run_handler(job, handler, log)
         status = self._record(job, outcome)
         error = outcome.error
         if status is None:
@@ -137,7 +137,7 @@ class Executor:
             logger.error("job failed: %s", error.detail, extra=log)
             message.fail()  # dead-letter the message to the queue's XQ
 
-    def _run_handler(self, job: Job, handler: Handler) -> Outcome:
+    def _run_handler(self, job: Job, handler: Handler, log: dict[str, Any]) -> Outcome:
         deadline = time.monotonic() + job.timeout_seconds
         context = JobContext(
             job_id=job.id,
@@ -163,9 +163,7 @@ class Executor:
                 return _failure(job, _error_type(exc), "The handler reported a permanent failure",
                                 str(exc), retryable=False)  # fmt: skip
             except Exception as exc:
-                logger.warning(
-                    "handler raised", exc_info=True, extra={"job_id": job.id, "attempt": job.attempts}
-                )
+                logger.warning("handler raised", exc_info=True, extra=log)
                 return _failure(
                     job, _error_type(exc), "The handler raised an error", str(exc), retryable=True
                 )

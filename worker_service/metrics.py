@@ -27,6 +27,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from shared import prometheus_dir
+from shared.logs import configure_logging
 from shared.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ IN_PROGRESS = Gauge(
 def serve_metrics() -> int:
     """Fork process (see WorkerRuntime.forks): serve the merged metrics of this host's worker processes."""
     settings = get_settings()
+    configure_logging(settings)
     if not settings.worker_metrics_bind:
         return 0
     if prometheus_dir.ENV not in os.environ:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from shared import heartbeat
 from shared.broker import DeadLetterReader, Publisher, create_broker
 from shared.errors import BrokerUnavailable, StoreUnavailable
 from shared.logs import configure_logging
@@ -132,6 +133,14 @@ class Relay:
             )
         logger.info("published %d outbox message(s), %d left for later", len(published), len(unpublished))
 
+    def _beat(self) -> None:
+        """Touch the heartbeat file (a round came round, even if Postgres was down in the last one)."""
+        if self._settings.relay_heartbeat_file:
+            try:
+                heartbeat.beat(self._settings.relay_heartbeat_file)
+            except OSError as exc:
+                logger.warning("cannot write the heartbeat file: %s", exc)
+
     def _recover_lapsed(self, report: RoundReport) -> None:
         recovered = self._db.execute(
             lambda cur: attempt_store.recover_lapsed_leases(
@@ -152,6 +161,7 @@ class Relay:
     def run_forever(self, stop: threading.Event) -> None:
         logger.info("relay started")
         while not stop.is_set():
+            self._beat()
             try:
                 report = self.run_round()
             except StoreUnavailable as exc:
@@ -183,6 +193,8 @@ def main() -> None:
     try:
         Relay(settings, db, publisher, filer).run_forever(stop)
     finally:
+        if settings.relay_heartbeat_file:
+            heartbeat.remove(settings.relay_heartbeat_file)
         if stats is not None:
             stats.stop()
         publisher.close()

@@ -6,6 +6,7 @@ operate jobs through the HTTP API.
     conveyor api | worker | relay    run one process (extra arguments go to gunicorn / dramatiq)
     conveyor settings                print every setting and its current value (secrets hidden)
     conveyor worker-alive --max-age S   liveness probe: exit 1 if a worker process stopped beating
+    conveyor relay-alive --max-age S    liveness probe: exit 1 if the relay stopped going round
     conveyor keys create|list|revoke        API keys
     conveyor tenants create|list|set        tenants and their limits
     conveyor jobs submit|get|list|cancel|retry|watch   jobs, over HTTP (--url, --key)
@@ -51,13 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    process = PROCESS_COMMANDS.get(argv[0]) if argv else None
+    if process is not None and not {"-h", "--help"} & set(argv[1:]):
+        # Everything after a process command goes to the program it runs (e.g. `conveyor worker -Q q`),
+        # which argparse's REMAINDER cannot pass on when it starts with a dash.
+        args, extra = None, argv[1:]
+    else:
+        args, extra = build_parser().parse_args(argv), []
     try:
         settings = get_settings()
     except SettingsError as exc:
         print(f"conveyor: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    if args is None:
+        assert process is not None
+        return int(process(settings, extra))
     if hasattr(args, "process"):
         return int(args.process(settings, args.extra))
     try:

@@ -1,4 +1,4 @@
-"""``conveyor worker-alive``: the worker's liveness probe (see ``shared/heartbeat.py``)."""
+"""``conveyor worker-alive`` and ``conveyor relay-alive``: liveness probes (see ``shared/heartbeat.py``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ def worker_alive(settings: Settings, args: argparse.Namespace) -> int:
         settings.worker_heartbeat_file, max_age=args.max_age, expected_processes=expected
     )
     print(f"conveyor worker-alive: {verdict.message}", file=sys.stdout if verdict.alive else sys.stderr)
+    return 0 if verdict.alive else 1
+
+
+def relay_alive(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.relay_heartbeat_file:
+        print("conveyor relay-alive: CONVEYOR_RELAY_HEARTBEAT_FILE is not set, so the relay writes no "
+              "heartbeat", file=sys.stderr)  # fmt: skip
+        return 1
+    verdict = heartbeat.check(
+        settings.relay_heartbeat_file, max_age=args.max_age, expected_processes=1, what="relay"
+    )
+    print(f"conveyor relay-alive: {verdict.message}", file=sys.stdout if verdict.alive else sys.stderr)
     return 0 if verdict.alive else 1
 
 
@@ -50,3 +62,17 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="worker processes expected (default: CONVEYOR_WORKER_PROCESSES)",
     )
     alive.set_defaults(handler=worker_alive)
+    relay = commands.add_parser(
+        "relay-alive",
+        help="exit 0 if the relay finished a round recently, 1 otherwise (liveness probe)",
+        description="Checks the heartbeat file <CONVEYOR_RELAY_HEARTBEAT_FILE>.<pid> the relay touches "
+        "after every round.",
+    )
+    relay.add_argument(
+        "--max-age",
+        type=_positive,
+        required=True,
+        metavar="SECONDS",
+        help="oldest acceptable heartbeat; a round takes CONVEYOR_RELAY_POLL_SECONDS when idle",
+    )
+    relay.set_defaults(handler=relay_alive)

@@ -65,9 +65,12 @@ def cmd_worker(settings: Settings, extra: list[str]) -> int:
     if settings.worker_heartbeat_file:  # a restarted container must not see the last one's files
         heartbeat.clear(settings.worker_heartbeat_file)
     if settings.worker_metrics_bind:  # every dramatiq process records here; one serves them all
-        path = os.environ.get(prometheus_dir.ENV) or prometheus_dir.default_dir(
-            "worker", settings.worker_metrics_bind
-        )
+        bind = settings.worker_metrics_bind
+        path = os.environ.get(prometheus_dir.ENV) or prometheus_dir.default_dir("worker", bind)
+        if not prometheus_dir.port_free(bind):
+            # Another worker serves this port from this directory: leave its files alone. This worker
+            # records into a private directory, and its metrics process says why it cannot serve.
+            path = prometheus_dir.default_dir("worker", f"{bind}-{os.getpid()}")
         prometheus_dir.prepare(path)
         os.environ[prometheus_dir.ENV] = path
     _exec([*worker_argv(settings), *extra])
@@ -77,6 +80,8 @@ def cmd_worker(settings: Settings, extra: list[str]) -> int:
 def cmd_relay(settings: Settings, extra: list[str]) -> int:
     """Run the outbox relay."""
     os.environ.pop(prometheus_dir.ENV, None)  # one process: plain metrics, not the multiprocess files
+    if settings.relay_heartbeat_file:  # a restarted container must not see the last one's files
+        heartbeat.clear(settings.relay_heartbeat_file)
     _exec(["-m", "worker_service.relay", *extra])
     return 0  # pragma: no cover
 

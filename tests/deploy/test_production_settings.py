@@ -1,7 +1,8 @@
 """API, worker and relay started with the settings of the prod overlay: quorum queues and worker heartbeats.
 
-The stack has its own database (``conveyor_deploy_test``) and queue prefix (``conveyor_quorum.``), so it
-neither sees the other tests' jobs nor collides with their classic ``conveyor_test.*`` queues.
+The stack has its own database (``conveyor_test_deploy_<run>``) and queue prefix
+(``conveyor_quorum_<run>.``), so it neither sees the other tests' jobs nor collides with their
+classic ``conveyor_test_<run>.*`` queues.
 Leases are 3 s (tests/conftest.py), so each worker process beats every second.
 """
 
@@ -20,7 +21,7 @@ import pytest
 import requests
 from dramatiq.errors import ConnectionClosed
 from psycopg2 import sql
-from support import LOG_DIR, ROOT, ApiClient, ServiceProcess, amqp_channel, free_port, pg, wait_for
+from support import LOG_DIR, ROOT, RUN_ID, ApiClient, ServiceProcess, amqp_channel, free_port, pg, wait_for
 
 from shared import heartbeat
 from shared.broker import create_broker
@@ -28,9 +29,9 @@ from shared.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
-PREFIX = "conveyor_quorum."
+PREFIX = f"conveyor_quorum_{RUN_ID}."
 QUEUE = PREFIX + "default"
-DATABASE = "conveyor_deploy_test"
+DATABASE = f"conveyor_test_deploy_{RUN_ID}"  # dropped by a later run once this one is gone
 DELIVERY_LIMIT = 5
 WORKER_PROCESSES = 2
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -175,3 +178,32 @@ def test_sigterm_drains_running_jobs_and_loses_none(
     for job_id in job_ids:
         job = conveyor.wait_status(job_id, "succeeded", timeout=30)
         assert job["attempts"] == 1, "no job ran twice and none was interrupted"
+
+
+def test_relay_liveness_probe_tells_a_hung_relay_from_a_working_one(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**service_env, "CONVEYOR_RELAY_HEARTBEAT_FILE": str(tmp_path / "relay-heartbeat"),
+           "CONVEYOR_RELAY_METRICS_BIND": ""}  # fmt: skip
+    relay = ServiceProcess("relay", env)
+    relay.log_path = relay.log_path.with_name("relay-heartbeat.log")
+    relay.start()
+
+    def probe() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shared.cli", "relay-alive", "--max-age", "2"],
+                              env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    try:
+        wait_for(
+            lambda: probe().returncode == 0, timeout=20, interval=0.3, what="the relay's first heartbeat"
+        )
+        relay.signal(signal.SIGSTOP)  # hung: the process lives, its loop does not go round
+        time.sleep(3)
+        hung = probe()
+        assert hung.returncode == 1
+        assert "stopped beating" in hung.stderr
+        relay.signal(signal.SIGCONT)
+        wait_for(lambda: probe().returncode == 0, timeout=10, interval=0.3, what="the relay to beat again")
+    finally:
+        relay.signal(signal.SIGCONT)
+        relay.stop()
