@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install migrate run api worker relay test unit manifests kubectl prometheusrule lint format typecheck clean
+.PHONY: help install migrate run api worker relay test unit manifests kubectl prometheusrule openapi lint format typecheck clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ $(TOOLS)/kubectl/kubectl:
 
 prometheusrule: ## Regenerate deploy/k8s/monitoring/prometheusrule.yaml from the alert rules
 	$(PYTHON) deploy/prometheus/render_prometheusrule.py
+
+openapi: install ## Refresh openapi.json, the committed OpenAPI document (tests/contract checks it)
+	$(BIN)/flask --app api_service.app:create_app openapi write openapi.json
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -9,9 +9,20 @@ from flask import Flask, Response, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
-from api_service import auth, dead_letters, health, jobs, metrics, problems, queues, request_ids
+from api_service import (
+    auth,
+    dead_letters,
+    health,
+    jobs,
+    metrics,
+    openapi_docs,
+    problems,
+    queues,
+    request_ids,
+)
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem
+from api_service.schemas import Cursor
 from shared.broker import Publisher, create_broker
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -38,10 +49,25 @@ _JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class ConveyorApi(Api):  # type: ignore[misc]
-    """flask-smorest's Api, with every HTTP error rendered as problem+json."""
+    """flask-smorest's Api, with every HTTP error rendered as problem+json.
+
+    Its document lists each operation's own problem responses (``openapi_docs``), so flask-smorest's
+    generic ones (a ``default`` error response, ETag and pagination components) are left out.
+    """
+
+    DEFAULT_ERROR_RESPONSE_NAME = None
 
     def handle_http_exception(self, error: HTTPException):  # type: ignore[no-untyped-def]
         return problems.from_http_exception(error)
+
+    def _register_responses(self) -> None:
+        pass
+
+    def _register_etag_headers(self) -> None:
+        pass
+
+    def _register_pagination_header(self) -> None:
+        pass
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -58,10 +84,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_SWAGGER_UI_PATH=DOCS_PATH.lstrip("/") if settings.api_docs else None,
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
         API_SPEC_OPTIONS={
-            "info": {
-                "description": "Submit background jobs over HTTP, then follow them to the end. "
-                "Errors are RFC 9457 problem details (`application/problem+json`)."
-            },
+            "info": openapi_docs.INFO,
             "security": [{"bearerAuth": []}],
         },
     )
@@ -75,12 +98,14 @@ def create_app(settings: Settings | None = None) -> Flask:
             on_failure=metrics.OUTBOX_PUBLISH_FAILURES.inc,
         ),
     )
-    api = ConveyorApi(app)
+    api = ConveyorApi(app, spec_kwargs={"extra_plugins": [openapi_docs.ConveyorDocs()]})
     api.spec.components.security_scheme("bearerAuth", auth.SECURITY_SCHEME)
+    api.register_field(Cursor, "string", None)
     api.register_blueprint(jobs.blp)
     api.register_blueprint(dead_letters.blp)
     api.register_blueprint(queues.blp)
     api.register_blueprint(health.blp)
+    api.spec.tag(health.PROBLEMS_TAG)
     request_ids.register(app)  # first: every later hook and log line has the request's id
     problems.register(app)
     metrics.register(app)

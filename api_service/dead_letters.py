@@ -12,11 +12,12 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
-from api_service.auth import current_principal, requires
+from api_service.auth import REALM, current_principal, requires
 from api_service.context import services
-from api_service.openapi_docs import documents_problems
+from api_service.openapi_docs import AUTHENTICATED, BODY, documents_problems
+from api_service.openapi_examples import DEAD_LETTER_EXAMPLE, SELECTION_EXAMPLES
 from api_service.problems import Problem, invalid
-from api_service.schemas import NO_NUL, StrictSchema, UtcDateTime
+from api_service.schemas import NO_NUL, JsonBoolean, StrictSchema, UtcDateTime
 from shared.api_keys import TENANT_NAME, Scope
 from shared.store import dead_letters as dead_letter_store
 from shared.store.dead_letters import Selection
@@ -32,6 +33,8 @@ _NAME = [validate.Length(1, 100), NO_NUL]
 
 
 class DeadLetterSchema(StrictSchema):
+    """A failed job, or a message on a Conveyor queue that names no job."""
+
     id = fields.Integer(required=True)
     job_id = fields.UUID(
         allow_none=True, required=True, metadata={"description": "Null for a message that names no job."}
@@ -54,8 +57,14 @@ class DeadLetterSchema(StrictSchema):
 
 
 class DeadLetterPageSchema(StrictSchema):
+    """One page of a dead-letter listing."""
+
     items = fields.List(fields.Nested(DeadLetterSchema), required=True)
-    next_cursor = fields.String(allow_none=True, required=True)
+    next_cursor = fields.String(
+        allow_none=True,
+        required=True,
+        metadata={"description": "Pass as `cursor` to get the next page; null on the last page."},
+    )
 
 
 class _Filters(StrictSchema):
@@ -70,21 +79,31 @@ class _Filters(StrictSchema):
 
 
 class DeadLetterQuerySchema(_Filters):
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 200))
-    cursor = fields.String(validate=validate.Length(1, 200))
+    limit = fields.Integer(
+        load_default=50, validate=validate.Range(1, 200), metadata={"description": "Page size."}
+    )
+    cursor = fields.String(
+        validate=validate.Length(1, 200), metadata={"description": "`next_cursor` of the previous page."}
+    )
 
 
 class DeadLetterSelectionSchema(_Filters):
-    all = fields.Boolean(
+    """The dead letters to act on: every filter given must match, or `all: true` for every one."""
+
+    all = JsonBoolean(
         load_default=False, metadata={"description": "Required (true) to act on every dead letter."}
     )
 
 
 class ReplayResultSchema(StrictSchema):
+    """The outcome of a replay."""
+
     replayed = fields.Integer(required=True, metadata={"description": "Jobs queued again."})
 
 
 class PurgeResultSchema(StrictSchema):
+    """The outcome of a purge."""
+
     purged = fields.Integer(required=True, metadata={"description": "Dead letters deleted."})
 
 
@@ -104,7 +123,11 @@ def _scope_tenant(requested: str | None) -> str | None:
     if principal.is_admin:
         return requested
     if requested is not None and requested != principal.tenant:
-        raise Problem("forbidden", "Only an admin key may see another tenant's dead letters.")
+        raise Problem(
+            "forbidden",
+            "Only an admin key may see another tenant's dead letters.",
+            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="admin"'},
+        )
     return principal.tenant
 
 
@@ -124,9 +147,15 @@ def _encode_cursor(dead_at: datetime, row_id: int) -> str:
 @blp.route("")
 class DeadLetters(MethodView):
     @requires(Scope.JOBS_READ)
+    @blp.doc(operationId="listDeadLetters")
     @blp.arguments(DeadLetterQuerySchema, location="query", unknown="raise")
-    @blp.response(200, DeadLetterPageSchema)
-    @documents_problems(401, 403, 422, 503)
+    @blp.response(
+        200,
+        DeadLetterPageSchema,
+        description="A page of dead letters, newest first.",
+        example={"items": [DEAD_LETTER_EXAMPLE], "next_cursor": None},
+    )
+    @documents_problems(*AUTHENTICATED, "validation-error")
     def get(self, query: dict[str, Any]) -> dict[str, Any]:
         """List dead letters
 
@@ -153,9 +182,10 @@ def _checked_selection(data: dict[str, Any]) -> Selection:
 @blp.route("/replay")
 class ReplayDeadLetters(MethodView):
     @requires(Scope.ADMIN)
-    @blp.arguments(DeadLetterSelectionSchema)
-    @blp.response(200, ReplayResultSchema)
-    @documents_problems(400, 401, 403, 415, 422, 503)
+    @blp.doc(operationId="replayDeadLetters")
+    @blp.arguments(DeadLetterSelectionSchema, examples=SELECTION_EXAMPLES)
+    @blp.response(200, ReplayResultSchema, description="How many jobs were queued again.")
+    @documents_problems(*AUTHENTICATED, *BODY, "validation-error")
     def post(self, data: dict[str, Any]) -> dict[str, int]:
         """Replay dead letters
 
@@ -170,9 +200,10 @@ class ReplayDeadLetters(MethodView):
 @blp.route("/purge")
 class PurgeDeadLetters(MethodView):
     @requires(Scope.ADMIN)
-    @blp.arguments(DeadLetterSelectionSchema)
-    @blp.response(200, PurgeResultSchema)
-    @documents_problems(400, 401, 403, 415, 422, 503)
+    @blp.doc(operationId="purgeDeadLetters")
+    @blp.arguments(DeadLetterSelectionSchema, examples=SELECTION_EXAMPLES)
+    @blp.response(200, PurgeResultSchema, description="How many dead letters were deleted.")
+    @documents_problems(*AUTHENTICATED, *BODY, "validation-error")
     def post(self, data: dict[str, Any]) -> dict[str, int]:
         """Purge dead letters
 

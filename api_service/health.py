@@ -5,20 +5,58 @@ from __future__ import annotations
 from typing import Any
 
 from flask_smorest import Blueprint
+from marshmallow import fields, validate
 from werkzeug.exceptions import NotFound
 
 from api_service.context import services
-from api_service.openapi_docs import documents_problems
+from api_service.openapi_docs import NOT_FOUND, documents_problems
 from api_service.problems import CATALOG, Problem
+from api_service.schemas import StrictSchema
 from shared.broker import check_broker
 from shared.errors import BrokerUnavailable, StoreUnavailable
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and Kubernetes.")
+#: The OpenAPI tag of the problem-type descriptions.
+PROBLEMS_TAG = {"name": "problems", "description": "What each problem `type` of an error response means."}
+
+
+class HealthSchema(StrictSchema):
+    """The process serves requests."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["ok"]))
+
+
+class ReadinessSchema(StrictSchema):
+    """Every dependency is reachable."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["ready"]))
+    checks = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        required=True,
+        metadata={
+            "description": "Each dependency and its state.",
+            "example": {"postgres": "ok", "rabbitmq": "ok"},
+        },
+    )
+
+
+class ProblemTypeSchema(StrictSchema):
+    """What a problem type means."""
+
+    type = fields.String(
+        required=True, metadata={"format": "uri-reference", "example": "/problems/job-not-found"}
+    )
+    title = fields.String(required=True, metadata={"example": "Job not found"})
+    status = fields.Integer(
+        required=True, metadata={"description": "The HTTP status it comes with.", "example": 404}
+    )
+    description = fields.String(required=True, metadata={"example": "No job has this id."})
 
 
 @blp.route("/healthz")
-@blp.doc(security=[])
-@blp.response(200, description="The process is alive.")
+@blp.doc(operationId="getHealth", security=[])
+@blp.response(200, HealthSchema, description="The process is alive.")
 def healthz() -> dict[str, Any]:
     """Liveness
 
@@ -28,9 +66,9 @@ def healthz() -> dict[str, Any]:
 
 
 @blp.route("/readyz")
-@blp.doc(security=[])
-@blp.response(200, description="Postgres and RabbitMQ are reachable.")
-@documents_problems(503)
+@blp.doc(operationId="getReadiness", security=[])
+@blp.response(200, ReadinessSchema, description="Postgres and RabbitMQ are reachable.")
+@documents_problems("not-ready")
 def readyz() -> dict[str, Any]:
     """Readiness
 
@@ -55,10 +93,10 @@ def readyz() -> dict[str, Any]:
     return {"status": "ready", "checks": checks}
 
 
-@blp.route("/problems/<slug>")
-@blp.doc(security=[])
-@blp.response(200, description="What a problem type means.")
-@documents_problems(404)
+@blp.route("/problems/<slug>", tags=["problems"])
+@blp.doc(operationId="getProblemType", security=[])
+@blp.response(200, ProblemTypeSchema, description="What a problem type means.")
+@documents_problems(NOT_FOUND)
 def problem_type(slug: str) -> dict[str, Any]:
     """Describe a problem type
 

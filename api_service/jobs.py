@@ -17,7 +17,15 @@ from api_service.context import services
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api_service.idempotency import REPLAYED_HEADER, fingerprint, parse_key
 from api_service.metrics import count_submission, counting_submission_refusals
-from api_service.openapi_docs import documents_problems
+from api_service.openapi_docs import (
+    AUTHENTICATED,
+    BODY,
+    IDEMPOTENCY_KEY_PARAMETER,
+    NOT_FOUND,
+    documents_problems,
+    header,
+)
+from api_service.openapi_examples import CURSOR_EXAMPLE, JOB_EXAMPLE, QUEUED_JOB_EXAMPLE, SUBMIT_EXAMPLES
 from api_service.problems import Problem
 from api_service.rate_limit import rate_limit_headers
 from api_service.request_ids import current_request_id
@@ -35,35 +43,32 @@ blp = Blueprint(
 #: Poll hint for unfinished jobs; capped so a far-future job is still re-checked now and then.
 MAX_POLL_HINT_SECONDS = 60
 
-IDEMPOTENCY_KEY_PARAMETER = {
-    "in": "header",
-    "name": IDEMPOTENCY_HEADER,
-    "required": False,
-    "schema": {"type": "string", "maxLength": 255},
-    "description": "Makes the submission safe to retry: the same key and body return the original "
-    "job instead of creating another. Keys are remembered for 24 hours by default.",
-}
+#: The problems every operation on one job can give.
+_ONE_JOB_PROBLEMS = (*AUTHENTICATED, "job-not-found", NOT_FOUND)
 
 
 @blp.route("")
 class Jobs(MethodView):
     @requires(Scope.JOBS_WRITE)
-    @blp.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
-    @blp.arguments(JobCreateSchema)
+    @blp.doc(operationId="submitJob", parameters=[IDEMPOTENCY_KEY_PARAMETER])
+    @blp.arguments(JobCreateSchema, examples=SUBMIT_EXAMPLES)
     @blp.response(
         202,
         JobSchema,
-        description="Accepted: the job is stored durably and will run.",
+        description="Accepted: the job is stored durably and will run. A replay (same "
+        "`Idempotency-Key`, same request) answers the same, with the job as it is now.",
         headers={
-            "Location": {"description": "URL of the job.", "schema": {"type": "string"}},
-            REPLAYED_HEADER: {
-                "description": "`true` when this is the stored response to an earlier request with "
-                "the same Idempotency-Key.",
-                "schema": {"type": "string", "enum": ["true"]},
-            },
+            "Location": header("Location", required=True),
+            REPLAYED_HEADER: header(REPLAYED_HEADER),
+            "RateLimit-Policy": header("RateLimit-Policy"),
+            "RateLimit": header("RateLimit"),
         },
+        example=QUEUED_JOB_EXAMPLE,
     )
-    @documents_problems(400, 401, 403, 409, 413, 415, 422, 429, 503)
+    @documents_problems(
+        *AUTHENTICATED, *BODY, "idempotency-key-invalid", "idempotency-key-in-flight", "validation-error",
+        "idempotency-key-reused", "rate-limited", "too-many-active-jobs",
+    )  # fmt: skip
     def post(self, new_job: NewJob) -> tuple[Job, int, dict[str, str]]:
         """Submit a job
 
@@ -91,9 +96,15 @@ class Jobs(MethodView):
         return submission.job, submission.status_code, headers
 
     @requires(Scope.JOBS_READ)
+    @blp.doc(operationId="listJobs")
     @blp.arguments(JobListQuerySchema, location="query", unknown="raise")
-    @blp.response(200, JobPageSchema)
-    @documents_problems(401, 403, 422, 503)
+    @blp.response(
+        200,
+        JobPageSchema,
+        description="A page of jobs, newest first.",
+        example={"items": [JOB_EXAMPLE], "next_cursor": CURSOR_EXAMPLE},
+    )
+    @documents_problems(*AUTHENTICATED, "validation-error")
     def get(self, query: dict[str, Any]) -> Response | dict[str, Any]:
         """List jobs
 
@@ -121,17 +132,21 @@ class Jobs(MethodView):
 @blp.route("/<uuid:job_id>", endpoint="get_job")
 class JobById(MethodView):
     @requires(Scope.JOBS_READ)
+    @blp.doc(operationId="getJob")
     @blp.response(
         200,
         JobSchema,
+        description="The job.",
         headers={
             "Retry-After": {
-                "description": "Seconds until polling again is useful; only while the job is unfinished.",
-                "schema": {"type": "integer"},
+                **header("Retry-After"),
+                "description": "Seconds until polling again is useful (1-60); only while the job is "
+                "unfinished.",
             }
         },
+        example=JOB_EXAMPLE,
     )
-    @documents_problems(401, 403, 404, 503)
+    @documents_problems(*_ONE_JOB_PROBLEMS)
     def get(self, job_id: uuid.UUID) -> Job | tuple[Job, int, dict[str, str]]:
         """Get a job
 
@@ -150,7 +165,13 @@ class JobById(MethodView):
 @blp.route("/<uuid:job_id>/cancel", endpoint="cancel_job")
 class CancelJob(MethodView):
     @requires(Scope.JOBS_WRITE)
-    @blp.response(200, JobSchema, description="The job is cancelled (now or earlier); it will not run.")
+    @blp.doc(operationId="cancelJob")
+    @blp.response(
+        200,
+        JobSchema,
+        description="The job is cancelled (now or earlier); it will not run.",
+        example={**QUEUED_JOB_EXAMPLE, "status": "cancelled", "finished_at": "2026-11-29T15:22:32.01+00:00"},
+    )
     @blp.alt_response(
         202,
         schema=JobSchema,
@@ -158,7 +179,10 @@ class CancelJob(MethodView):
         description="The job is running: cancellation is requested (`cancel_requested_at`). Its handler "
         "sees the request and may stop, and it will not be retried.",
     )
-    @documents_problems(401, 403, 404, 409, 503, descriptions={409: "The job already finished."})
+    @documents_problems(
+        *_ONE_JOB_PROBLEMS, "illegal-transition",
+        descriptions={409: "The job already succeeded or failed (`/problems/illegal-transition`)."},
+    )  # fmt: skip
     def post(self, job_id: uuid.UUID) -> tuple[Job, int]:
         """Cancel a job
 
@@ -181,8 +205,18 @@ class CancelJob(MethodView):
 @blp.route("/<uuid:job_id>/retry", endpoint="retry_job")
 class RetryJob(MethodView):
     @requires(Scope.JOBS_WRITE)
-    @blp.response(202, JobSchema, description="The job is queued again for a new cycle of attempts.")
-    @documents_problems(401, 403, 404, 409, 503, descriptions={409: "The job is not failed or cancelled."})
+    @blp.doc(operationId="retryJob")
+    @blp.response(
+        202,
+        JobSchema,
+        description="The job is queued again for a new cycle of attempts.",
+        headers={"Location": header("Location", required=True)},
+        example=QUEUED_JOB_EXAMPLE,
+    )
+    @documents_problems(
+        *_ONE_JOB_PROBLEMS, "illegal-transition",
+        descriptions={409: "The job is not failed or cancelled (`/problems/illegal-transition`)."},
+    )  # fmt: skip
     def post(self, job_id: uuid.UUID) -> tuple[Job, int, dict[str, str]]:
         """Retry a failed or cancelled job
 

@@ -6,11 +6,11 @@ from typing import Any
 
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from marshmallow import fields
+from marshmallow import fields, validate
 
 from api_service.auth import requires
 from api_service.context import services
-from api_service.openapi_docs import documents_problems
+from api_service.openapi_docs import AUTHENTICATED, documents_problems
 from api_service.schemas import StrictSchema
 from shared import queue_stats
 from shared.api_keys import Scope
@@ -21,6 +21,8 @@ blp = Blueprint(
 
 
 class QueueStatsSchema(StrictSchema):
+    """One queue: RabbitMQ's view and Postgres's."""
+
     name = fields.String(required=True, metadata={"example": "default"})
     rabbitmq_queue = fields.String(required=True, metadata={"example": "conveyor.default"})
     ready = fields.Integer(
@@ -41,15 +43,23 @@ class QueueStatsSchema(StrictSchema):
     oldest_waiting_seconds = fields.Float(
         required=True, metadata={"description": "Age of the oldest due job."}
     )
-    source = fields.String(required=True, metadata={"description": "management, amqp or unavailable."})
+    source = fields.String(
+        required=True,
+        validate=validate.OneOf(["management", "amqp", "unavailable"]),
+        metadata={"description": "Where `ready`, `unacknowledged` and `consumers` come from."},
+    )
 
 
 class OutboxStatsSchema(StrictSchema):
+    """Submitted jobs whose message is not published yet."""
+
     backlog = fields.Integer(required=True, metadata={"description": "Due messages not yet published."})
     oldest_seconds = fields.Float(required=True)
 
 
 class QueuesSchema(StrictSchema):
+    """Queue statistics."""
+
     queues = fields.List(fields.Nested(QueueStatsSchema), required=True)
     outbox = fields.Nested(OutboxStatsSchema, required=True)
 
@@ -57,8 +67,21 @@ class QueuesSchema(StrictSchema):
 @blp.route("")
 class Queues(MethodView):
     @requires(Scope.ADMIN)
-    @blp.response(200, QueuesSchema)
-    @documents_problems(401, 403, 503)
+    @blp.doc(operationId="getQueueStats")
+    @blp.response(
+        200,
+        QueuesSchema,
+        description="Every queue's statistics, and the outbox's.",
+        example={
+            "queues": [
+                {"name": "default", "rabbitmq_queue": "conveyor.default", "ready": 0, "unacknowledged": 0,
+                 "consumers": 2, "waiting": 0, "delayed": 1, "running": 0, "dead": 2,
+                 "oldest_waiting_seconds": 0.0, "source": "management"}
+            ],
+            "outbox": {"backlog": 0, "oldest_seconds": 0.0},
+        },
+    )  # fmt: skip
+    @documents_problems(*AUTHENTICATED)
     def get(self) -> dict[str, Any]:
         """Queue statistics
 

@@ -7,7 +7,7 @@ import binascii
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import marshmallow as ma
 from marshmallow import fields, validate
@@ -61,6 +61,24 @@ class StrictSchema(ma.Schema):
         unknown = ma.RAISE
 
 
+class JsonNumber(fields.Float):
+    """A JSON number; a string holding one (``"5"``) is refused, as the integer fields refuse it."""
+
+    def _validated(self, value: Any) -> float:
+        if isinstance(value, str):
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
+class JsonBoolean(fields.Boolean):
+    """``true`` or ``false``; marshmallow's Boolean would also take ``1``, ``"yes"`` or ``"off"``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
 class UtcDateTime(fields.AwareDateTime):
     """An ISO 8601 time with an offset, converted to UTC (Postgres refuses offsets beyond ±15:59)."""
 
@@ -73,15 +91,22 @@ class UtcDateTime(fields.AwareDateTime):
 
 
 class JobCreateSchema(StrictSchema):
+    """A job to submit. Give at most one of `delay_seconds` and `run_at`."""
+
+    #: Constraints across fields, for the OpenAPI document (``_check_type_and_payload`` enforces them).
+    OPENAPI_KEYWORDS: ClassVar[dict[str, Any]] = {"not": {"required": ["delay_seconds", "run_at"]}}
+
     type = fields.String(
         required=True,
         validate=validate.Length(1, 100),
-        metadata={"description": "Registered job type.", "example": "demo.sleep"},
+        metadata={"description": "A registered job type.", "example": "demo.sleep", "enum": sorted(REGISTRY)},
     )
     payload = fields.Dict(
         keys=fields.String(),
         load_default=dict,
-        metadata={"description": "Input of the job, validated by its type's schema.",
+        metadata={"description": "Input of the job, validated by its type's payload schema (the "
+                                 "`...Payload` schemas: `DemoSleepPayload` for `demo.sleep`, `NoopPayload` "
+                                 "for `noop`). Unknown fields are refused; defaults are filled in.",
                   "example": {"seconds": 2}},
     )  # fmt: skip
     priority = fields.Integer(
@@ -89,13 +114,16 @@ class JobCreateSchema(StrictSchema):
         validate=validate.Range(*PRIORITY_RANGE),
         metadata={"description": "0-9, higher runs first. Defaults to the type's priority."},
     )
-    delay_seconds = fields.Float(
+    delay_seconds = JsonNumber(
         validate=validate.Range(0, MAX_DELAY_SECONDS),
-        metadata={"description": "Run no earlier than this many seconds from now. Excludes `run_at`."},
-    )
+        metadata={"description": "Run no earlier than this many seconds from now (at most one year). "
+                                 "Excludes `run_at`.", "example": 60},
+    )  # fmt: skip
     run_at = UtcDateTime(
-        metadata={"description": "Run no earlier than this time (with a timezone). Excludes `delay_seconds`."}
-    )
+        metadata={"description": "Run no earlier than this time (with a timezone; in the past means now; "
+                                 "at most one year ahead). Excludes `delay_seconds`.",
+                  "example": "2027-01-01T09:00:00Z"}
+    )  # fmt: skip
     max_attempts = fields.Integer(
         strict=True,
         validate=validate.Range(*MAX_ATTEMPTS_RANGE),
@@ -108,11 +136,12 @@ class JobCreateSchema(StrictSchema):
     )
     labels = fields.Dict(
         keys=fields.String(validate=LABEL_KEY),
-        values=fields.String(validate=LABEL_VALUE),
+        values=fields.String(validate=LABEL_VALUE, metadata={"pattern": NO_NUL.regex.pattern}),
         load_default=dict,
         validate=validate.Length(max=MAX_LABELS),
         metadata={
-            "description": "Free-form string labels to filter jobs by.",
+            "description": "Free-form string labels to filter jobs by. Keys are 1-63 characters of "
+            "`A-Z a-z 0-9 . _ / -`, starting with a letter or digit.",
             "example": {"team": "billing"},
         },
     )
@@ -158,6 +187,8 @@ class JobCreateSchema(StrictSchema):
 
 
 class JobErrorSchema(StrictSchema):
+    """Why the latest attempt failed."""
+
     type = fields.String(required=True, metadata={"description": "Error class, e.g. `WorkerLost`."})
     title = fields.String(required=True)
     detail = fields.String(required=True)
@@ -165,18 +196,26 @@ class JobErrorSchema(StrictSchema):
 
 
 class JobProgressSchema(StrictSchema):
-    percent = fields.Float(allow_none=True, validate=validate.Range(0, 100))
-    message = fields.String(allow_none=True)
+    """Progress reported by the current or latest attempt."""
+
+    percent = fields.Float(allow_none=True, validate=validate.Range(0, 100), metadata={"example": 50.0})
+    message = fields.String(allow_none=True, metadata={"example": "slept 1 of 2 seconds"})
 
 
 class JobSchema(StrictSchema):
+    """A job: what was asked for, and where it stands."""
+
     id = fields.UUID(required=True)
     tenant = fields.String(required=True, metadata={"description": "The tenant that submitted the job."})
-    type = fields.String(required=True)
-    queue = fields.String(required=True)
+    type = fields.String(required=True, metadata={"description": "The job type.", "example": "demo.sleep"})
+    queue = fields.String(
+        required=True, metadata={"description": "The type's queue (no prefix).", "example": "default"}
+    )
     status = fields.Enum(JobStatus, by_value=True, required=True)
-    payload = fields.Dict(required=True)
-    priority = fields.Integer(strict=True, required=True)
+    payload = fields.Dict(
+        required=True, metadata={"description": "The validated payload, with defaults filled in."}
+    )
+    priority = fields.Integer(strict=True, required=True, metadata={"description": "0-9, higher runs first."})
     attempts = fields.Integer(
         strict=True, required=True, metadata={"description": "Attempts started so far."}
     )
@@ -187,11 +226,17 @@ class JobSchema(StrictSchema):
     )
     labels = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
     created_at = UtcDateTime(required=True)
-    started_at = UtcDateTime(allow_none=True, required=True)
-    finished_at = UtcDateTime(allow_none=True, required=True)
+    started_at = UtcDateTime(
+        allow_none=True, required=True, metadata={"description": "When the latest attempt started."}
+    )
+    finished_at = UtcDateTime(
+        allow_none=True, required=True, metadata={"description": "When the job became final."}
+    )
     updated_at = UtcDateTime(required=True)
     result = fields.Raw(
-        allow_none=True, required=True, metadata={"description": "The handler's JSON result."}
+        allow_none=True,
+        required=True,
+        metadata={"description": "The handler's JSON result, once the job has succeeded."},
     )
     error = fields.Nested(JobErrorSchema, allow_none=True, required=True)
     progress = fields.Nested(JobProgressSchema, allow_none=True, required=True)
@@ -203,6 +248,8 @@ class JobSchema(StrictSchema):
 
 
 class JobPageSchema(StrictSchema):
+    """One page of a job listing."""
+
     items = fields.List(fields.Nested(JobSchema), required=True)
     next_cursor = fields.String(
         allow_none=True,
@@ -240,27 +287,33 @@ def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
 
 class JobListQuerySchema(StrictSchema):
     status = fields.List(
-        fields.Enum(JobStatus, by_value=True), metadata={"description": "Repeat to match any of several."}
+        fields.Enum(JobStatus, by_value=True),
+        metadata={"description": "Repeat to match any of several.", "example": ["failed", "retrying"]},
     )
-    type = fields.List(fields.String(validate=[validate.Length(1, 100), NO_NUL]))
+    type = fields.List(
+        fields.String(validate=[validate.Length(1, 100), NO_NUL]),
+        metadata={"description": "A job type; repeat to match any of several.", "example": ["demo.sleep"]},
+    )
     label = fields.List(
         fields.String(
             validate=validate.Regexp(
                 r"[^:\x00]+:[^\x00]*\Z", error="Use label=key:value (no NUL characters)."
             )
         ),
-        metadata={"description": "`key:value`; repeat to require several labels."},
+        metadata={
+            "description": "`key:value`; repeat to require several labels.",
+            "example": ["team:billing"],
+        },
     )
-    created_after = UtcDateTime(metadata={"description": "Created at or after this time."})
+    created_after = UtcDateTime(
+        metadata={"description": "Created at or after this time.", "example": "2026-11-29T00:00:00Z"}
+    )
     created_before = UtcDateTime(metadata={"description": "Created before this time."})
     tenant = fields.String(
         validate=validate.Regexp(TENANT_NAME.pattern + r"\Z"),
         metadata={"description": "Admin keys only: list this tenant's jobs (default: every tenant's)."},
     )
-    limit = fields.Integer(load_default=50, validate=validate.Range(1, 200))
+    limit = fields.Integer(
+        load_default=50, validate=validate.Range(1, 200), metadata={"description": "Page size."}
+    )
     cursor = Cursor(metadata={"description": "`next_cursor` of the previous page."})
-
-
-class HealthSchema(StrictSchema):
-    status = fields.String(required=True, metadata={"example": "ok"})
-    checks = fields.Dict(keys=fields.String(), values=fields.String())

@@ -1,7 +1,9 @@
 """Schemathesis against the running API, authenticated: no 5xx, every response as the document says.
 
 It generates valid and invalid requests for every operation from /openapi.json and checks each
-response. The seed is fixed so CI is repeatable; run `st run` by hand with other seeds to look further.
+response; invalid ones must be refused, and valid ones accepted where OpenAPI can state every rule
+(schemathesis.toml says which checks run where, and why). The seed is fixed so CI is repeatable; run
+`st --config-file tests/e2e/schemathesis.toml run ...` by hand with other seeds to look further.
 """
 
 from __future__ import annotations
@@ -16,15 +18,7 @@ from support import ApiClient
 
 pytestmark = pytest.mark.e2e
 
-CHECKS = ",".join(
-    [
-        "not_a_server_error",
-        "status_code_conformance",
-        "content_type_conformance",
-        "response_headers_conformance",
-        "response_schema_conformance",
-    ]
-)
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 @pytest.mark.parametrize("key_name", ["writer", "admin"])
@@ -34,12 +28,13 @@ def test_fuzzing_finds_no_server_error_and_no_undocumented_response(
     st = Path(sys.executable).with_name("st")
     result = subprocess.run(
         [
-            str(st), "run", f"{api.base_url}/openapi.json",
+            str(st), "--config-file", str(CONFIG), "run", f"{api.base_url}/openapi.json",
             "--header", f"Authorization: Bearer {getattr(keys, key_name)}",
-            "--checks", CHECKS,
             "--max-examples", "40",
             "--seed", "20261129",
-            "--workers", "2",
+            # One worker: hypothesis describes its filters by parsing their source, and CPython 3.11's
+            # ast.parse is not thread-safe ("SystemError: AST constructor recursion depth mismatch").
+            "--workers", "1",
             "--request-timeout", "10",
             "--suppress-health-check", "all",
             "--no-color",
