@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException, UnsupportedMediaType
 
 from api_service import (
     auth,
+    batch,
     dead_letters,
     health,
     jobs,
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.spec.components.security_scheme("bearerAuth", auth.SECURITY_SCHEME)
     api.register_field(Cursor, "string", None)
     api.register_blueprint(jobs.blp)
+    api.register_blueprint(batch.blp)
     api.register_blueprint(dead_letters.blp)
     api.register_blueprint(queues.blp)
     api.register_blueprint(health.blp)

@@ -18,7 +18,14 @@ import uuid
 from dataclasses import dataclass
 
 from shared.broker import Publisher
-from shared.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, RateLimited, StoreUnavailable
+from shared.errors import (
+    ConveyorError,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+    RateLimited,
+    StoreUnavailable,
+    TooManyActiveJobs,
+)
 from shared.jobs import Job, NewJob
 from shared.messages import Dispatch
 from shared.settings import Settings
@@ -128,3 +135,117 @@ def publish_after_commit(db: Database, publisher: Publisher, dispatch: Dispatch)
     except StoreUnavailable as exc:
         # The message is out; the relay will publish a duplicate, which the worker's claim ignores.
         logger.warning("could not delete outbox row %s after publishing: %s", outbox_id, exc)
+
+
+# --- batches -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One valid job of a batch, with its optional idempotency key."""
+
+    index: int
+    new: NewJob
+    idempotent: IdempotentRequest | None
+
+
+@dataclass
+class ItemResult:
+    index: int
+    submission: Submission | None = None
+    #: A refused item: the exception that says why (translated to a problem by the caller).
+    refusal: ConveyorError | None = None
+
+
+def submit_batch(
+    db: Database,
+    publisher: Publisher,
+    settings: Settings,
+    tenant: str,
+    limits: TenantLimits,
+    items: list[BatchItem],
+    request_id: str | None = None,
+) -> tuple[list[ItemResult], RateDecision | None]:
+    """Submit valid items in one transaction; each gets its own outcome.
+
+    Like single submissions: items whose key is already stored are replayed first and cost no token;
+    the rest take one token each, all or none (a 429 for the whole batch); then one transaction
+    inserts them, an item whose key another request holds getting a 409, and items beyond the
+    tenant's cap a 429 each. Messages are published after COMMIT.
+    """
+    results = {item.index: ItemResult(item.index) for item in items}
+
+    def stored(cur: Cursor) -> dict[int, Submission]:
+        found = {}
+        for item in items:
+            if item.idempotent is not None:
+                try:
+                    replay = _stored_response(cur, tenant, item.idempotent)
+                except IdempotencyKeyReused as exc:
+                    results[item.index].refusal = exc
+                    continue
+                if replay is not None:
+                    found[item.index] = replay
+        return found
+
+    for index, replay in db.read(stored).items():
+        results[index].submission = replay
+    fresh = [i for i in items if results[i.index].submission is None and results[i.index].refusal is None]
+    rate = None
+    if fresh:
+        rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits, len(fresh)))
+        if not rate.allowed:
+            raise RateLimited(
+                f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
+                f"(bursts of {limits.submit_burst}); this batch has {len(fresh)} new jobs.",
+                retry_after=rate.retry_after,
+                rate=rate,
+            )
+
+    def write(cur: Cursor) -> list[Dispatch]:
+        dispatches = []
+        for item in fresh:
+            result = results[item.index]
+            record = None
+            if item.idempotent is not None:
+                if not key_store.try_lock(cur, tenant, item.idempotent.key):
+                    result.refusal = IdempotencyKeyInFlight(
+                        "A request with this Idempotency-Key is still in progress."
+                    )
+                    continue
+                try:
+                    replay = _stored_response(cur, tenant, item.idempotent)  # an earlier item of this batch
+                except IdempotencyKeyReused as exc:
+                    result.refusal = exc
+                    continue
+                if replay is not None:
+                    result.submission = replay
+                    continue
+                record = job_store.IdempotencyRecord(
+                    item.idempotent.key,
+                    item.idempotent.fingerprint,
+                    settings.idempotency_ttl_seconds,
+                    ACCEPTED,
+                )
+            try:
+                job, dispatch = job_store.insert_job(
+                    cur, uuid.uuid4(), tenant, item.new, max_active_jobs=limits.max_active_jobs,
+                    outbox_grace_seconds=settings.outbox_grace_seconds, idempotency=record,
+                    request_id=request_id,
+                )  # fmt: skip
+            except TooManyActiveJobs as exc:
+                result.refusal = exc
+                continue
+            result.submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
+            if dispatch is not None:
+                dispatches.append(dispatch)
+        return dispatches
+
+    dispatches = db.run(write) if fresh else []
+    published = [d.outbox_id for d in dispatches if d.outbox_id is not None and publisher.try_publish(d)]
+    if published:
+        try:
+            db.execute(lambda cur: outbox_store.delete_published(cur, published))
+        except StoreUnavailable as exc:
+            logger.warning("could not delete %d outbox rows after publishing: %s", len(published), exc)
+    return [results[i.index] for i in items], rate

@@ -83,30 +83,35 @@ class RateDecision:
     reset: int
 
 
-def take_submission_token(cur: Cursor, tenant: str, limits: TenantLimits) -> RateDecision:
-    """Take one token from the tenant's bucket if it has one; one statement, atomic across replicas.
+def take_submission_token(cur: Cursor, tenant: str, limits: TenantLimits, cost: int = 1) -> RateDecision:
+    """Take ``cost`` tokens (one per job) from the tenant's bucket if it has them; one statement,
+    atomic across replicas.
 
     The bucket refills continuously at ``submit_rate_per_second`` up to ``submit_burst``. A refused
-    request takes nothing, so a client that waits as told by Retry-After gets through.
+    request takes nothing, so a client that waits as told by Retry-After gets through. A batch larger
+    than the burst is allowed once the bucket is full and leaves it in debt, so the jobs it carried
+    still count against the rate.
     """
     rate, burst = limits.submit_rate_per_second, float(limits.submit_burst)
+    need = min(float(cost), burst)
     cur.execute(
         """
         INSERT INTO rate_buckets AS b (tenant, tokens, refilled_at, allowed)
-        VALUES (%(tenant)s, %(burst)s - 1, now(), true)
+        VALUES (%(tenant)s, %(burst)s - %(cost)s, now(), true)
         ON CONFLICT (tenant) DO UPDATE SET
-            allowed = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1,
+            allowed = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= %(need)s,
             tokens = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
-                     - (rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1)::int,
+                     - %(cost)s * (rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
+                                   >= %(need)s)::int,
             refilled_at = now()
         RETURNING tokens, allowed
         """,
-        {"tenant": tenant, "burst": burst, "rate": rate},
+        {"tenant": tenant, "burst": burst, "rate": rate, "cost": float(cost), "need": need},
     )
     row = cur.fetchone()
     assert row is not None
     tokens, allowed = float(row[0]), bool(row[1])
     reset = math.ceil((burst - tokens) / rate)
     if allowed:
-        return RateDecision(True, int(tokens), 0, reset)
-    return RateDecision(False, 0, max(1, math.ceil((1 - tokens) / rate)), reset)
+        return RateDecision(True, max(0, int(tokens)), 0, reset)
+    return RateDecision(False, 0, max(1, math.ceil((need - tokens) / rate)), reset)
