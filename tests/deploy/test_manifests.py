@@ -722,3 +722,19 @@ def test_dockerignore_keeps_the_build_context_to_what_the_image_needs() -> None:
         part for line in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile(), re.M) for part in line.split()
     }
     assert copied == included
+
+
+def test_compose_provisions_grafana_with_the_dashboard_and_prometheus_with_the_rules() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    files = {name: ROOT / spec["file"] for name, spec in compose["configs"].items() if "file" in spec}
+    assert all(path.is_file() for path in files.values()), files
+    grafana = {c["source"]: c["target"] for c in compose["services"]["grafana"]["configs"]}
+    assert files["grafana-dashboard"].name == "conveyor-dashboard.json"
+    assert grafana["grafana-dashboard"].startswith("/var/lib/grafana/dashboards/")
+    provider = yaml.safe_load(files["grafana-dashboards"].read_text())["providers"][0]
+    assert grafana["grafana-dashboard"].startswith(provider["options"]["path"])
+    datasource = yaml.safe_load(files["grafana-datasources"].read_text())["datasources"][0]
+    assert datasource["url"] == "http://prometheus:9090"
+    prometheus = {c["source"]: c["target"] for c in compose["services"]["prometheus"]["configs"]}
+    assert files["conveyor-rules"].name == "conveyor.rules.yaml"
+    assert "conveyor-rules" in prometheus
