@@ -225,3 +225,45 @@ def test_request_id_travels_from_the_request_into_the_worker_logs(
     hostile = conveyor.session.get(f"{conveyor.base_url}/v1/jobs/{job_id}", timeout=10,
                                    headers={"X-Request-ID": "x" * 500})  # fmt: skip
     assert hostile.headers["X-Request-ID"] != "x" * 500, "an unusable id is replaced, not echoed"
+
+
+def test_metrics_add_up_across_gunicorn_workers_and_dramatiq_processes(
+    worker: ServiceProcess, service_env: dict[str, str], keys: Keys, broker_url: str
+) -> None:
+    api_bind, worker_bind = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {**service_env, "CONVEYOR_API_BIND": api_bind, "CONVEYOR_API_WORKERS": "2",
+           "CONVEYOR_WORKER_PROCESSES": "2", "CONVEYOR_WORKER_METRICS_BIND": worker_bind}  # fmt: skip
+    api_proc, second_worker = ServiceProcess("api", env), ServiceProcess("worker", env)
+    api_proc.log_path = api_proc.log_path.with_name("api-two-workers.log")
+    second_worker.log_path = second_worker.log_path.with_name("worker-two-processes.log")
+    worker.stop()  # only the two-process worker consumes during this test
+    api_proc.start()
+    try:
+        wait_for(lambda: _up(f"http://{api_bind}/healthz"), timeout=30, what="the two-worker API")
+        second_worker.start_worker(broker_url)
+        wait_for(lambda: _up(f"http://{worker_bind}/metrics"), timeout=15, what="the worker's metrics")
+        job_ids = []
+        for _ in range(20):  # a new connection each time, so both gunicorn workers answer some
+            headers = {"Authorization": f"Bearer {keys.writer}", "Connection": "close"}
+            response = requests.post(
+                f"http://{api_bind}/v1/jobs", json={"type": "noop"}, timeout=10, headers=headers
+            )
+            assert response.status_code == 202
+            job_ids.append(response.json()["id"])
+        client = ApiClient(f"http://{api_bind}", keys.writer)
+        for job_id in job_ids:
+            client.wait_status(job_id, "succeeded")
+        api_samples = scrape(f"http://{api_bind}/metrics", {"Authorization": f"Bearer {keys.admin}"})
+        assert value(api_samples, "conveyor_jobs_submitted_total", type="noop") == 20
+        assert value(api_samples, "conveyor_http_requests_total", method="POST", route="/v1/jobs",
+                     status="202") == 20  # fmt: skip
+
+        def all_counted() -> bool:
+            samples = scrape(f"http://{worker_bind}/metrics")
+            return value(samples, "conveyor_worker_jobs_succeeded_total", type="noop", queue="default") == 20
+
+        wait_for(all_counted, timeout=10, what="the worker processes' counts to add up to 20")
+    finally:
+        second_worker.stop()
+        api_proc.stop()
+        worker.start_worker(broker_url)
