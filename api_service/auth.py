@@ -151,3 +151,18 @@ def warn_if_unauthenticated() -> None:
             "CONVEYOR_AUTH=none: AUTHENTICATION IS OFF. Every request acts as tenant 'default' with every "
             "scope. Use this for local development only; set CONVEYOR_AUTH=keys anywhere else."
         )
+
+
+def visible_tenant(requested: str | None, what: str) -> str | None:
+    """Whose records a listing shows: the caller's own; an admin sees every tenant's (None), or the one
+    asked for. A non-admin asking for another tenant's gets 403."""
+    principal = current_principal()
+    if principal.is_admin:
+        return requested
+    if requested is not None and requested != principal.tenant:
+        raise Problem(
+            "forbidden",
+            f"Only an admin key may see another tenant's {what}.",
+            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="admin"'},
+        )
+    return principal.tenant

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import marshmallow as ma
@@ -19,7 +18,7 @@ from api_service.openapi_docs import AUTHENTICATED, BODY, ProblemSchema, documen
 from api_service.problems import Problem, from_conveyor_error, invalid, validation_errors
 from api_service.rate_limit import rate_limit_headers
 from api_service.request_ids import current_request_id
-from api_service.schemas import JobCreateSchema, JobSchema, StrictSchema
+from api_service.schemas import JobCreateSchema, JobSchema, StrictSchema, payload_size_error
 from api_service.submission import BatchItem, IdempotentRequest, submit_batch
 from shared.api_keys import Scope
 from shared.errors import ConveyorError
@@ -142,10 +141,9 @@ def _validate(index: int, raw: Any, max_payload_bytes: int) -> BatchItem | Probl
         errors = [{"pointer": f"/jobs/{index}{e['pointer']}", "detail": e["detail"]}
                   for e in validation_errors({"json": exc.messages})]  # fmt: skip
         return Problem("validation-error", "The job is invalid; see `errors`.", errors=errors)
-    size = len(json.dumps(new.payload, separators=(",", ":"), ensure_ascii=False).encode())
-    if size > max_payload_bytes:
-        detail = f"The payload is {size} bytes; at most {max_payload_bytes} are allowed."
-        return invalid(pointer=f"/jobs/{index}/payload", detail=detail)
+    too_large = payload_size_error(new.payload, max_payload_bytes)
+    if too_large:
+        return invalid(pointer=f"/jobs/{index}/payload", detail=too_large)
     idempotent = None
     if key_value is not None:
         try:

@@ -12,11 +12,11 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
-from api_service.auth import REALM, current_principal, requires
+from api_service.auth import requires, visible_tenant
 from api_service.context import services
 from api_service.openapi_docs import AUTHENTICATED, BODY, documents_problems
 from api_service.openapi_examples import DEAD_LETTER_EXAMPLE, SELECTION_EXAMPLES
-from api_service.problems import Problem, invalid
+from api_service.problems import invalid
 from api_service.schemas import NO_NUL, JsonBoolean, StrictSchema, UtcDateTime
 from shared.api_keys import TENANT_NAME, Scope
 from shared.store import dead_letters as dead_letter_store
@@ -118,19 +118,6 @@ def _selection(data: dict[str, Any], *, tenant: str | None) -> Selection:
     )
 
 
-def _scope_tenant(requested: str | None) -> str | None:
-    principal = current_principal()
-    if principal.is_admin:
-        return requested
-    if requested is not None and requested != principal.tenant:
-        raise Problem(
-            "forbidden",
-            "Only an admin key may see another tenant's dead letters.",
-            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="admin"'},
-        )
-    return principal.tenant
-
-
 def _decode_cursor(raw: str) -> tuple[datetime, int]:
     try:
         dead_at, row_id = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
@@ -163,7 +150,7 @@ class DeadLetters(MethodView):
         A tenant sees its own failed jobs; an admin also sees messages that name no job.
         """
         limit = query["limit"]
-        selection = _selection(query, tenant=_scope_tenant(query.get("tenant")))
+        selection = _selection(query, tenant=visible_tenant(query.get("tenant"), "dead letters"))
         if "cursor" in query:
             selection = Selection(**{**selection.__dict__, "after": _decode_cursor(query["cursor"])})
         rows = services().db.read(lambda cur: dead_letter_store.list_dead_letters(cur, selection, limit + 1))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from datetime import UTC, datetime
@@ -12,7 +11,7 @@ from flask import Response, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from api_service.auth import REALM, current_limits, current_principal, requires
+from api_service.auth import current_limits, current_principal, requires, visible_tenant
 from api_service.context import services
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api_service.idempotency import REPLAYED_HEADER, fingerprint, parse_key
@@ -26,10 +25,17 @@ from api_service.openapi_docs import (
     header,
 )
 from api_service.openapi_examples import CURSOR_EXAMPLE, JOB_EXAMPLE, QUEUED_JOB_EXAMPLE, SUBMIT_EXAMPLES
-from api_service.problems import Problem
+from api_service.problems import Problem, invalid
 from api_service.rate_limit import rate_limit_headers
 from api_service.request_ids import current_request_id
-from api_service.schemas import JobCreateSchema, JobListQuerySchema, JobPageSchema, JobSchema, encode_cursor
+from api_service.schemas import (
+    JobCreateSchema,
+    JobListQuerySchema,
+    JobPageSchema,
+    JobSchema,
+    encode_cursor,
+    payload_size_error,
+)
 from api_service.submission import IdempotentRequest, submit_job
 from shared.api_keys import Scope
 from shared.errors import JobNotFound
@@ -77,7 +83,9 @@ class Jobs(MethodView):
         """
         key = parse_key(request.headers.getlist(IDEMPOTENCY_HEADER))
         svc = services()
-        _check_payload_size(new_job, svc.settings.max_payload_bytes)
+        too_large = payload_size_error(new_job.payload, svc.settings.max_payload_bytes)
+        if too_large:
+            raise invalid(pointer="/payload", detail=too_large)
         idempotent = None
         if key is not None:
             idempotent = IdempotentRequest(key, fingerprint(request.method, request.path, request.get_json()))
@@ -114,7 +122,7 @@ class Jobs(MethodView):
         limit = query["limit"]
         labels = dict(item.split(":", 1) for item in query.get("label", []))
         filters = job_store.JobFilter(
-            tenant=_listing_tenant(query.get("tenant")),
+            tenant=visible_tenant(query.get("tenant"), "jobs"),
             statuses=query.get("status", []),
             types=query.get("type", []),
             labels=labels or None,
@@ -239,35 +247,6 @@ def _own_tenant() -> str | None:
     """The tenant whose jobs the caller may act on; None (any) for an admin."""
     principal = current_principal()
     return None if principal.is_admin else principal.tenant
-
-
-def _listing_tenant(requested: str | None) -> str | None:
-    """Whose jobs a listing shows: the caller's own; an admin sees every tenant's, or the one asked for."""
-    principal = current_principal()
-    if principal.is_admin:
-        return requested
-    if requested is not None and requested != principal.tenant:
-        raise Problem(
-            "forbidden",
-            "Only an admin key may list another tenant's jobs.",
-            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="admin"'},
-        )
-    return principal.tenant
-
-
-def _check_payload_size(new_job: NewJob, limit: int) -> None:
-    size = len(json.dumps(new_job.payload, separators=(",", ":"), ensure_ascii=False).encode())
-    if size > limit:
-        raise Problem(
-            "validation-error",
-            "The request is invalid; see `errors`.",
-            errors=[
-                {
-                    "pointer": "/payload",
-                    "detail": f"The payload is {size} bytes; at most {limit} are allowed.",
-                }
-            ],
-        )
 
 
 def poll_hint_seconds(job: Job, now: datetime | None = None) -> int:

@@ -317,3 +317,9 @@ class JobListQuerySchema(StrictSchema):
         load_default=50, validate=validate.Range(1, 200), metadata={"description": "Page size."}
     )
     cursor = Cursor(metadata={"description": "`next_cursor` of the previous page."})
+
+
+def payload_size_error(payload: dict[str, Any], limit: int) -> str | None:
+    """Why a payload is too large (as compact JSON) for ``CONVEYOR_MAX_PAYLOAD_BYTES``; None if it fits."""
+    size = len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+    return f"The payload is {size} bytes; at most {limit} are allowed." if size > limit else None

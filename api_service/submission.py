@@ -72,22 +72,13 @@ def submit_job(
         replay = db.read(lambda cur: _stored_response(cur, tenant, idempotent))
         if replay is not None:
             return replay
-    rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits))
-    if not rate.allowed:
-        raise RateLimited(
-            f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
-            f"(bursts of {limits.submit_burst}).",
-            retry_after=rate.retry_after,
-            rate=rate,
-        )
+    rate = _take_tokens(db, tenant, limits, 1)
     job_id = uuid.uuid4()
 
     def write(cur: Cursor) -> tuple[Submission, Dispatch | None]:
         record = None
         if idempotent is not None:
-            if not key_store.try_lock(cur, tenant, idempotent.key):
-                raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still in progress.")
-            replay = _stored_response(cur, tenant, idempotent)
+            replay = _lock_key(cur, tenant, idempotent)
             if replay is not None:
                 return replay, None
             record = job_store.IdempotencyRecord(
@@ -110,6 +101,31 @@ def submit_job(
     if dispatch is not None:
         publish_after_commit(db, publisher, dispatch)
     return submission
+
+
+def _take_tokens(db: Database, tenant: str, limits: TenantLimits, jobs: int) -> RateDecision:
+    """One token per new job from the tenant's bucket, or RateLimited (429) for the whole request."""
+    rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits, jobs))
+    if not rate.allowed:
+        raise RateLimited(
+            f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
+            f"(bursts of {limits.submit_burst})"
+            + (f"; this batch has {jobs} new jobs." if jobs > 1 else "."),
+            retry_after=rate.retry_after,
+            rate=rate,
+        )
+    return rate
+
+
+def _lock_key(cur: Cursor, tenant: str, idempotent: IdempotentRequest) -> Submission | None:
+    """Take the key's lock for this transaction and return its stored response, if any.
+
+    Raises IdempotencyKeyInFlight when another request holds the key, IdempotencyKeyReused when it
+    was stored for a different request.
+    """
+    if not key_store.try_lock(cur, tenant, idempotent.key):
+        raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still in progress.")
+    return _stored_response(cur, tenant, idempotent)
 
 
 def _stored_response(cur: Cursor, tenant: str, idempotent: IdempotentRequest) -> Submission | None:
@@ -191,16 +207,7 @@ def submit_batch(
     for index, replay in db.read(stored).items():
         results[index].submission = replay
     fresh = [i for i in items if results[i.index].submission is None and results[i.index].refusal is None]
-    rate = None
-    if fresh:
-        rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits, len(fresh)))
-        if not rate.allowed:
-            raise RateLimited(
-                f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
-                f"(bursts of {limits.submit_burst}); this batch has {len(fresh)} new jobs.",
-                retry_after=rate.retry_after,
-                rate=rate,
-            )
+    rate = _take_tokens(db, tenant, limits, len(fresh)) if fresh else None
 
     def write(cur: Cursor) -> list[Dispatch]:
         dispatches = []
@@ -208,14 +215,10 @@ def submit_batch(
             result = results[item.index]
             record = None
             if item.idempotent is not None:
-                if not key_store.try_lock(cur, tenant, item.idempotent.key):
-                    result.refusal = IdempotencyKeyInFlight(
-                        "A request with this Idempotency-Key is still in progress."
-                    )
-                    continue
                 try:
-                    replay = _stored_response(cur, tenant, item.idempotent)  # an earlier item of this batch
-                except IdempotencyKeyReused as exc:
+                    # Re-entrant within this transaction: a key repeated in the batch replays its first job.
+                    replay = _lock_key(cur, tenant, item.idempotent)
+                except (IdempotencyKeyInFlight, IdempotencyKeyReused) as exc:
                     result.refusal = exc
                     continue
                 if replay is not None:
