@@ -10,6 +10,7 @@ Unit tests (tests/unit) use none of the service fixtures and open no sockets.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import pytest
 from support import (
     QUEUE_PREFIX,
+    ROOT,
+    RUN_ID,
     START_POSTGRES,
     START_RABBITMQ,
     TEST_DATABASE,
@@ -28,7 +31,13 @@ from support import (
     wait_for,
 )
 
+#: The services started by this run keep their temporary files (Prometheus multiprocess directories,
+#: gunicorn's worker files) here, removed at the end of the run.
+RUN_TMP = ROOT / ".run" / f"tmp-{RUN_ID}"
+RUN_TMP.mkdir(parents=True, exist_ok=True)
+
 TEST_ENV = {
+    "TMPDIR": str(RUN_TMP),
     "CONVEYOR_DATABASE_URL": os.environ.get(
         "CONVEYOR_TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:5432/{TEST_DATABASE}"
     ),
@@ -251,3 +260,9 @@ def api(api_process: ServiceProcess, settings: Settings, keys: Keys) -> ApiClien
 def conveyor(api: ApiClient, worker: ServiceProcess, relay: ServiceProcess) -> ApiClient:
     """The whole running system: API, worker and relay."""
     return api
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_run_tmp() -> Iterator[None]:
+    yield
+    shutil.rmtree(RUN_TMP, ignore_errors=True)
