@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install migrate run api worker relay test unit manifests kubectl prometheusrule openapi lint format typecheck clean
+.PHONY: help install migrate run api worker relay test unit manifests kubectl prometheusrule openapi lint format typecheck bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -74,6 +74,10 @@ format: install ## Apply ruff's formatting and safe fixes
 
 typecheck: install ## mypy (strict) over the three packages
 	$(BIN)/mypy
+
+# Benchmark tools (celery, flower, py-spy) are the `bench` extra; wrk comes from the system (apt-get install wrk).
+bench: install ## Benchmark vs raw dramatiq/Celery, write docs/performance.md (SCALE=1: 1M finished jobs; PROFILE=1)
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev,bench]' && $(BIN)/python -m bench $(if $(SCALE),--scale 1000000) $(if $(PROFILE),--profile)
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .run *.egg-info

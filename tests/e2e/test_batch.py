@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import requests
 from conftest import Keys
-from support import ROOT, ApiClient, count_rows, new_key
+from support import ROOT, ApiClient, count_rows, new_key, pg
 
 pytestmark = pytest.mark.e2e
 
@@ -99,3 +101,23 @@ def test_a_batch_counts_every_job_against_the_rate(api: ApiClient, service_env: 
         "the tenant may have 6 active jobs"
     )
     assert capped["results"][2]["problem"]["type"] == "/problems/too-many-active-jobs"
+
+
+def test_concurrent_batches_of_one_tenant_all_go_through(api: ApiClient, dsn: str) -> None:
+    """Each batch writes many jobs in one transaction; concurrent ones must not deadlock each other."""
+    run = str(uuid.uuid4())
+    jobs = [{"type": "noop", "delay_seconds": 3600, "labels": {"run": run}}] * 100
+
+    def send(_: int) -> int:
+        with requests.Session() as session:
+            session.headers["Authorization"] = api.session.headers["Authorization"]
+            response = session.post(f"{api.base_url}/v1/jobs/batch", json={"jobs": jobs}, timeout=60)
+            assert response.status_code == 200, response.text
+            return int(response.json()["created"])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        created = list(pool.map(send, range(16)))
+    assert created == [100] * 16
+    with pg(dsn) as cur:
+        cur.execute("SELECT count(*) FROM jobs WHERE labels @> %s", (json.dumps({"run": run}),))
+        assert cur.fetchone() == (1600,)

@@ -1,0 +1,470 @@
+"""The measurements, one function per subject. Each returns plain numbers; ``run`` orders them.
+
+Drain rates are steady-state rates: the jobs finished between the 10th and the 90th percentile of
+completion times, divided by that interval. This leaves out the ramp-up (worker processes start one
+after the other) and the tail, the same way for every subject.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from bench import load, stamps
+from bench.services import (
+    BROKER_URL,
+    BenchRun,
+    Proc,
+    free_port,
+    pg,
+    purge,
+    queue_consumers,
+    queue_ready,
+    scalar,
+    wait_for,
+)
+
+PY = sys.executable
+#: The API's server settings (the defaults of CONVEYOR_API_WORKERS and CONVEYOR_API_THREADS), used for
+#: Conveyor and for the minimal endpoint alike.
+API_WORKERS, API_THREADS = 2, 4
+#: Jobs sent (and run) before a latency window opens, so it does not time the first connections.
+WARM_UP = 20
+
+
+@dataclass
+class Measurements:
+    """Every figure of the table, by key; None until measured. ``notes`` explain odd figures."""
+
+    values: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    def put(self, key: str, value: float | None) -> None:
+        self.values[key] = value
+
+    def rss(self, key: str, peaks: dict[int, float]) -> None:
+        if peaks:
+            self.peak_rss_mb[key] = max(self.peak_rss_mb.get(key, 0.0), max(peaks.values()))
+
+
+def steady_rate(times: list[float]) -> float:
+    """Jobs per second between the 10th and 90th percentile of completion times."""
+    times = sorted(times)
+    lo, hi = int(len(times) * 0.1), int(len(times) * 0.9) - 1
+    if hi <= lo or times[hi] <= times[lo]:
+        return float("nan")
+    return (hi - lo) / (times[hi] - times[lo])
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+class Subjects:
+    """Starts the subjects' processes for one run and knows their queue names."""
+
+    def __init__(self, run: BenchRun) -> None:
+        self.run = run
+        self.dramatiq_queue = run.queue_prefix + "raw_dramatiq"
+        self.celery_queue = run.queue_prefix + "celery"
+        self.conveyor_queue = run.queue_prefix + "default"
+        run.queues.update({self.dramatiq_queue, self.celery_queue, self.conveyor_queue})
+        run.exchanges.update({self.celery_queue, self.celery_queue + ".ev"})
+        run.exchanges.update({f"{self.celery_queue}.ctl.pidbox", f"reply.{self.celery_queue}.ctl.pidbox"})
+        # The comparison subjects read these (the harness imports them too, to enqueue).
+        os.environ.update(
+            {
+                "BENCH_BROKER_URL": BROKER_URL,
+                "BENCH_RAW_DRAMATIQ_QUEUE": self.dramatiq_queue,
+                "BENCH_CELERY_QUEUE": self.celery_queue,
+                "BENCH_DATABASE_URL": run.dsn,
+            }
+        )
+
+    def stamp_dir(self, name: str) -> Path:
+        path = self.run.dir / "stamps" / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def env(self, stamp_dir: Path | None = None) -> dict[str, str]:
+        env = {**os.environ}
+        if stamp_dir is not None:
+            env["BENCH_STAMP_DIR"] = str(stamp_dir)
+        return env
+
+    # --- Conveyor ------------------------------------------------------------------------------
+
+    def conveyor_api(self, **overrides: str) -> tuple[Proc, str]:
+        port = free_port()
+        env = self.run.conveyor_env(
+            CONVEYOR_API_BIND=f"127.0.0.1:{port}",
+            CONVEYOR_API_WORKERS=str(API_WORKERS),
+            CONVEYOR_API_THREADS=str(API_THREADS),
+            **overrides,
+        )
+        proc = self.run.start("conveyor-api", [PY, "-m", "shared.cli", "api"], env)
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(proc, base + "/healthz"), timeout=60, what="Conveyor's API")
+        return proc, base
+
+    def conveyor_worker(self, processes: int, threads: int) -> Proc:
+        env = self.run.conveyor_env(
+            CONVEYOR_WORKER_PROCESSES=str(processes), CONVEYOR_WORKER_THREADS=str(threads)
+        )
+        return self.run.start("conveyor-worker", [PY, "-m", "shared.cli", "worker"], env)
+
+    def conveyor_relay(self) -> Proc:
+        return self.run.start("conveyor-relay", [PY, "-m", "shared.cli", "relay"], self.run.conveyor_env())
+
+    def submit_batches(self, base: str, jobs: int, size: int = 1000) -> None:
+        session = requests.Session()
+        for start in range(0, jobs, size):
+            count = min(size, jobs - start)
+            response = session.post(
+                f"{base}/v1/jobs/batch", json={"jobs": [{"type": "noop"}] * count}, timeout=120
+            )
+            response.raise_for_status()
+            if response.json()["created"] != count:
+                raise RuntimeError(f"batch refused jobs: {response.text[:500]}")
+
+    def succeeded(self) -> int:
+        return int(scalar(self.run.dsn, "SELECT count(*) FROM jobs WHERE status = 'succeeded'"))
+
+    # --- raw dramatiq and Celery ---------------------------------------------------------------
+
+    def dramatiq_worker(self, processes: int, threads: int, stamp_dir: Path) -> Proc:
+        argv = [
+            PY,
+            "-m",
+            "dramatiq",
+            "bench.raw_dramatiq",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+        ]
+        return self.run.start(f"dramatiq-{processes}x{threads}", argv, self.env(stamp_dir))
+
+    def celery_workers(self, processes: int, threads: int, stamp_dir: Path) -> list[Proc]:
+        return [
+            self.run.start(
+                f"celery-{processes}x{threads}-{i}",
+                [
+                    PY,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.raw_celery",
+                    "worker",
+                    "--pool",
+                    "threads",
+                    "--concurrency",
+                    str(threads),
+                    "-Q",
+                    self.celery_queue,
+                    "-n",
+                    f"w{i}@{self.run.run_id}",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                self.env(stamp_dir),
+            )
+            for i in range(processes)
+        ]
+
+
+def _answers(proc: Proc, url: str) -> bool:
+    proc.check_running()
+    try:
+        return requests.get(url, timeout=1).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def _wait_stamps(
+    directory: Path, expected: int, procs: list[Proc], timeout: float
+) -> list[tuple[float, float]]:
+    def done() -> list[tuple[float, float]] | None:
+        for proc in procs:
+            proc.check_running()
+        rows = stamps.read(directory)
+        return rows if len(rows) >= expected else None
+
+    result: list[tuple[float, float]] = wait_for(
+        done, timeout=timeout, interval=0.1, what=f"{expected} jobs to run"
+    )
+    return result
+
+
+def wait_consuming(proc: Proc, queue: str, consumers: int) -> None:
+    def consuming() -> bool:
+        proc.check_running()
+        return queue_consumers(queue) >= consumers
+
+    wait_for(consuming, timeout=60, interval=0.2, what=f"{proc.name} to consume {queue}")
+
+
+def _wait_queued(queue: str, expected: int) -> None:
+    wait_for(
+        lambda: queue_ready(queue) >= expected,
+        timeout=60,
+        interval=0.1,
+        what=f"{expected} messages in {queue}",
+    )
+
+
+# --- worker drain -------------------------------------------------------------------------------
+
+
+def drain_dramatiq(subjects: Subjects, jobs: int, processes: int, threads: int, m: Measurements) -> float:
+    from bench import raw_dramatiq
+
+    for _ in range(jobs):
+        raw_dramatiq.noop.send()
+    _wait_queued(subjects.dramatiq_queue, jobs)
+    directory = subjects.stamp_dir(f"dramatiq-drain-{processes}x{threads}")
+    worker = subjects.dramatiq_worker(processes, threads, directory)
+    rows = _wait_stamps(directory, jobs, [worker], timeout=60 + jobs / 100)
+    subjects.run.stop(worker)
+    return steady_rate([ran for ran, _ in rows])
+
+
+def drain_celery(subjects: Subjects, jobs: int, processes: int, threads: int, m: Measurements) -> float:
+    from bench import raw_celery
+
+    purge(subjects.celery_queue)  # a killed worker's last unacknowledged messages
+    with raw_celery.app.producer_or_acquire() as producer:
+        for _ in range(jobs):
+            raw_celery.noop.apply_async(producer=producer)
+    _wait_queued(subjects.celery_queue, jobs)
+    directory = subjects.stamp_dir(f"celery-drain-{processes}x{threads}")
+    workers = subjects.celery_workers(processes, threads, directory)
+    rows = _wait_stamps(directory, jobs, workers, timeout=60 + jobs / 100)
+    for worker in workers:  # every job ran; Celery's shutdown of its threads pool takes 10 s, so: kill
+        subjects.run.stop(worker, signal.SIGKILL)
+    return steady_rate([ran for ran, _ in rows])
+
+
+def drain_conveyor(
+    subjects: Subjects, jobs: int, processes: int, threads: int, m: Measurements, *, prefill: int = 0
+) -> float:
+    """Submit ``jobs`` noop jobs through the batch endpoint with no worker running, then start
+    ``conveyor worker`` and wait until Postgres shows them all succeeded."""
+    run = subjects.run
+    run.fresh_database()
+    if prefill:
+        prefill_finished_jobs(run, prefill)
+    api, base = subjects.conveyor_api()
+    subjects.submit_batches(base, jobs)
+    run.stop(api)
+    _wait_queued(subjects.conveyor_queue, jobs)
+    worker = subjects.conveyor_worker(processes, threads)
+
+    def finished() -> bool:
+        worker.check_running()
+        return subjects.succeeded() - prefill >= jobs
+
+    wait_for(finished, timeout=120 + jobs / 50, interval=0.2, what=f"{jobs} Conveyor jobs to succeed")
+    m.rss("worker", worker.peak_rss_mb())
+    run.stop(worker)
+    with pg(run.dsn) as cur:
+        cur.execute(
+            "SELECT extract(epoch FROM finished_at) FROM jobs"
+            " WHERE status = 'succeeded' AND labels = '{}'::jsonb"
+        )
+        times = [float(row[0]) for row in cur.fetchall()]
+    return steady_rate(times)
+
+
+def prefill_finished_jobs(run: BenchRun, rows: int) -> None:
+    """Insert ``rows`` succeeded jobs (a day old, labelled so the drain ignores them), in batches."""
+    with pg(run.dsn) as cur:
+        cur.execute("SET session_replication_role = replica")  # skip the per-row triggers: a bulk load
+        batch = 100_000
+        for start in range(0, rows, batch):
+            cur.execute(
+                "INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, attempts,"
+                " max_attempts, timeout_seconds, run_at, labels, result,"
+                " created_at, started_at, finished_at, updated_at)"
+                " SELECT gen_random_uuid(), 'default', 'noop', 'default', 'succeeded', '{}', 5, 1, 3, 60,"
+                " t, '{\"bench\": \"prefill\"}', 'null', t, t, t, t"
+                " FROM (SELECT now() - interval '1 day' - g * interval '1 ms' AS t"
+                "       FROM generate_series(%s, %s) AS g) AS s",
+                (start, min(rows, start + batch) - 1),
+            )
+        cur.execute("ANALYZE jobs")
+
+
+# --- HTTP submission ----------------------------------------------------------------------------
+
+
+def submit_conveyor(
+    subjects: Subjects, seconds: float, batch_size: int, m: Measurements, *, prefill: int = 0
+) -> tuple[float, float, float]:
+    """(single submissions/s, batch jobs/s, batch jobs/s from one connection) against Conveyor's API,
+    every job with its own idempotency key."""
+    run = subjects.run
+    run.fresh_database()
+    if prefill:
+        prefill_finished_jobs(run, prefill)
+    api, base = subjects.conveyor_api()
+    tag = uuid.uuid4().hex[:8]
+    single = load.run_wrk(base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds)
+    _check_errors("POST /v1/jobs", single, m)
+    # Batches from one connection first: what a batch costs with no other batch around it. Then the
+    # same load as the single submissions (WRK_CONNECTIONS connections); its requests still running
+    # when wrk stops would get in the way of a measurement after it.
+    alone = load.run_wrk(base + "/v1/jobs/batch", "batch.lua", [f"c{tag}", str(batch_size)], seconds, 1)
+    _check_errors("POST /v1/jobs/batch, 1 connection", alone, m)
+    batch = load.run_wrk(base + "/v1/jobs/batch", "batch.lua", [f"b{tag}", str(batch_size)], seconds)
+    _check_errors("POST /v1/jobs/batch", batch, m)
+    m.rss("api", api.peak_rss_mb())
+    run.stop(api)
+    purge(subjects.conveyor_queue)
+    return single.requests_per_second, _batch_rate(batch, batch_size), _batch_rate(alone, batch_size)
+
+
+def _batch_rate(result: load.WrkResult, batch_size: int) -> float:
+    """Jobs/s answered by successful batch requests (every job of a 200 is created or replayed; the
+    keys are unique, so created)."""
+    return (result.requests - result.errors) * batch_size / max(result.seconds, 1e-9)
+
+
+def _check_errors(what: str, result: load.WrkResult, m: Measurements) -> None:
+    if result.errors:
+        m.notes.append(f"{what}: {result.summary}")
+
+
+def submit_minimal(subjects: Subjects, seconds: float, m: Measurements) -> float:
+    run = subjects.run
+    with pg(run.dsn) as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS bench_rows (id bigserial PRIMARY KEY, body jsonb NOT NULL)")
+    port = free_port()
+    argv = [
+        PY,
+        "-m",
+        "gunicorn",
+        "--workers",
+        str(API_WORKERS),
+        "--threads",
+        str(API_THREADS),
+        "--worker-class",
+        "gthread",
+        "--keep-alive",
+        "5",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--access-logfile",
+        "-",
+        "bench.minimal_app:app",
+    ]
+    server = run.start("minimal-flask", argv, subjects.env())
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(server, base + "/"), timeout=60, what="the minimal Flask endpoint")
+    result = load.run_wrk(base + "/rows", "post.lua", ['{"type":"noop"}'], seconds)
+    _check_errors("minimal Flask", result, m)
+    run.stop(server)
+    return result.requests_per_second
+
+
+def submit_flower(subjects: Subjects, seconds: float, m: Measurements) -> float:
+    run = subjects.run
+    port = free_port()
+    argv = [
+        PY,
+        "-m",
+        "celery",
+        "-A",
+        "bench.raw_celery",
+        "flower",
+        "--address=127.0.0.1",
+        f"--port={port}",
+        "--loglevel=WARNING",
+    ]
+    env = {**subjects.env(), "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = run.start("flower", argv, env)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(flower, base + "/healthcheck"), timeout=60, what="Flower")
+    result = load.run_wrk(base + "/api/task/async-apply/bench.noop", "post.lua", ['{"args":[]}'], seconds)
+    _check_errors("Flower async-apply", result, m)
+    run.stop(flower)
+    purge(subjects.celery_queue)
+    return result.requests_per_second
+
+
+# --- enqueue-to-start latency -------------------------------------------------------------------
+
+
+def latency_conveyor(subjects: Subjects, rate: float, seconds: float, m: Measurements) -> tuple[float, float]:
+    """p50 and p99 (ms) of started_at - created_at, both Postgres' clock, with jobs submitted one by
+    one over HTTP at ``rate`` per second to a running API, worker (2 x 8) and relay."""
+    run = subjects.run
+    run.fresh_database()
+    api, base = subjects.conveyor_api()
+    relay = subjects.conveyor_relay()
+    worker = subjects.conveyor_worker(2, 8)
+    wait_consuming(worker, subjects.conveyor_queue, 2)
+
+    def send(session: requests.Session, i: int) -> None:
+        response = session.post(
+            f"{base}/v1/jobs", json={"type": "noop"}, timeout=10, headers={"Idempotency-Key": f"latency-{i}"}
+        )
+        response.raise_for_status()
+
+    for i in range(WARM_UP):  # open the pools' connections before the measured window
+        send(requests.Session(), -1 - i)
+    wait_for(lambda: subjects.succeeded() >= WARM_UP, timeout=60, interval=0.1, what="the warm-up jobs")
+    window_start = scalar(run.dsn, "SELECT now()")
+    failures = load.paced(send, rate, seconds)
+    if failures:
+        m.notes.append(f"Conveyor latency: {failures} submissions failed")
+    expected = WARM_UP + int(rate * seconds) - failures
+    wait_for(lambda: subjects.succeeded() >= expected, timeout=60, interval=0.2, what="the latency jobs")
+    with pg(run.dsn) as cur:
+        cur.execute(
+            "SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP"
+            " (ORDER BY extract(epoch FROM started_at - created_at) * 1000)"
+            " FROM jobs WHERE status = 'succeeded' AND created_at >= %s",
+            (window_start,),
+        )
+        row = cur.fetchone()
+    m.rss("worker", worker.peak_rss_mb())
+    m.rss("api", api.peak_rss_mb())
+    for proc in (worker, relay, api):
+        run.stop(proc)
+    return float(row[0][0]), float(row[0][1])
+
+
+def latency_dramatiq(subjects: Subjects, rate: float, seconds: float, m: Measurements) -> tuple[float, float]:
+    """p50 and p99 (ms) of (actor start - send time), sent at ``rate`` per second to a 2 x 8 worker."""
+    from bench import raw_dramatiq
+
+    directory = subjects.stamp_dir("dramatiq-latency")
+    worker = subjects.dramatiq_worker(2, 8, directory)
+    wait_consuming(worker, subjects.dramatiq_queue, 2)
+    for _ in range(WARM_UP):
+        raw_dramatiq.noop.send(time.time())
+    _wait_stamps(directory, WARM_UP, [worker], timeout=60)
+
+    def send(_session: requests.Session, _i: int) -> None:
+        raw_dramatiq.noop.send(time.time())
+
+    failures = load.paced(send, rate, seconds)
+    rows = _wait_stamps(directory, WARM_UP + int(rate * seconds) - failures, [worker], timeout=60)
+    subjects.run.stop(worker)
+    latencies = [latency * 1000 for _, latency in sorted(rows)[WARM_UP:]]
+    return percentile(latencies, 0.5), percentile(latencies, 0.99)
