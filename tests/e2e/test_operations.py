@@ -286,10 +286,17 @@ def test_job_scheduled_beyond_consumer_timeout_runs_once_on_time(
 def test_queue_stats_show_depth_backlog_and_consumers(conveyor: ApiClient, keys: Keys) -> None:
     submit(conveyor, {"type": "noop", "delay_seconds": 3600})
     admin = admin_of(conveyor, keys)
-    response = admin.session.get(f"{conveyor.base_url}/v1/queues", timeout=10)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    default = next(q for q in body["queues"] if q["name"] == "default")
+
+    def stats() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        response = admin.session.get(f"{conveyor.base_url}/v1/queues", timeout=10)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        default = next(q for q in body["queues"] if q["name"] == "default")
+        # The management API refreshes its figures every few seconds: a worker restarted by an
+        # earlier test may not be counted yet.
+        return (body, default) if default["consumers"] else None
+
+    body, default = wait_for(stats, timeout=20, interval=0.5, what="the worker to show as a consumer")
     assert default["rabbitmq_queue"] == DEFAULT_QUEUE
     assert default["delayed"] >= 1
     assert default["consumers"] >= 1
