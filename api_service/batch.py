@@ -109,7 +109,7 @@ class JobBatch(MethodView):
                                           "job": outcome.submission.job, "problem": None}  # fmt: skip
             else:
                 assert outcome.refusal is not None
-                results[outcome.index] = _refused(outcome.index, _problem_of(outcome.refusal))
+                results[outcome.index] = _refused(outcome.index, from_conveyor_error(outcome.refusal))
         ordered = [results[i] for i in range(len(raw_items))]
         body = {
             "results": ordered,
@@ -149,15 +149,11 @@ def _validate(index: int, raw: Any, max_payload_bytes: int) -> BatchItem | Probl
         try:
             key = parse_key([key_value]) if isinstance(key_value, str) else None
         except ConveyorError as exc:
-            return _problem_of(exc)
+            return from_conveyor_error(exc)
         if key is None:
             return invalid(pointer=f"/jobs/{index}/idempotency_key", detail="Must be a string.")
         idempotent = IdempotentRequest(key, fingerprint("POST", SINGLE_SUBMIT_PATH, job))
     return BatchItem(index, new, idempotent)
-
-
-def _problem_of(exc: ConveyorError) -> Problem:
-    return from_conveyor_error(exc)
 
 
 def _refused(index: int, problem: Problem) -> dict[str, Any]:

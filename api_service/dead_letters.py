@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from datetime import datetime
 from typing import Any
 
+import marshmallow as ma
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
@@ -17,7 +15,15 @@ from api_service.context import services
 from api_service.openapi_docs import AUTHENTICATED, BODY, documents_problems
 from api_service.openapi_examples import DEAD_LETTER_EXAMPLE, SELECTION_EXAMPLES
 from api_service.problems import invalid
-from api_service.schemas import NO_NUL, JsonBoolean, StrictSchema, UtcDateTime
+from api_service.schemas import (
+    CURSOR_ERROR,
+    NO_NUL,
+    JsonBoolean,
+    StrictSchema,
+    UtcDateTime,
+    decode_cursor,
+    page,
+)
 from shared.api_keys import TENANT_NAME, Scope
 from shared.store import dead_letters as dead_letter_store
 from shared.store.dead_letters import Selection
@@ -107,28 +113,18 @@ class PurgeResultSchema(StrictSchema):
     purged = fields.Integer(required=True, metadata={"description": "Dead letters deleted."})
 
 
-def _selection(data: dict[str, Any], *, tenant: str | None) -> Selection:
+def _selection(
+    data: dict[str, Any], *, tenant: str | None, after: tuple[datetime, int] | None = None
+) -> Selection:
     return Selection(
         tenant=tenant,
+        after=after,
         types=tuple(data.get("type", ())),
         queues=tuple(data.get("queue", ())),
         error_types=tuple(data.get("error_type", ())),
         dead_after=data.get("dead_after"),
         dead_before=data.get("dead_before"),
     )
-
-
-def _decode_cursor(raw: str) -> tuple[datetime, int]:
-    try:
-        dead_at, row_id = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        return datetime.fromisoformat(dead_at), int(row_id)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise invalid(parameter="cursor", detail="Not a cursor returned by this API.") from None
-
-
-def _encode_cursor(dead_at: datetime, row_id: int) -> str:
-    raw = json.dumps([dead_at.isoformat(), row_id], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 @blp.route("")
@@ -150,13 +146,16 @@ class DeadLetters(MethodView):
         A tenant sees its own failed jobs; an admin also sees messages that name no job.
         """
         limit = query["limit"]
-        selection = _selection(query, tenant=visible_tenant(query.get("tenant"), "dead letters"))
+        after = None
         if "cursor" in query:
-            selection = Selection(**{**selection.__dict__, "after": _decode_cursor(query["cursor"])})
+            try:
+                after = decode_cursor(query["cursor"], int)
+            except ma.ValidationError:
+                raise invalid(parameter="cursor", detail=CURSOR_ERROR) from None
+        tenant = visible_tenant(query.get("tenant"), "dead letters")
+        selection = _selection(query, tenant=tenant, after=after)
         rows = services().db.read(lambda cur: dead_letter_store.list_dead_letters(cur, selection, limit + 1))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return {"items": rows, "next_cursor": _encode_cursor(rows[-1].dead_at, rows[-1].id) if more else None}
+        return page(rows, limit, lambda row: (row.dead_at, row.id))
 
 
 def _checked_selection(data: dict[str, Any]) -> Selection:

@@ -33,7 +33,7 @@ from api_service.schemas import (
     JobListQuerySchema,
     JobPageSchema,
     JobSchema,
-    encode_cursor,
+    page,
     payload_size_error,
 )
 from api_service.submission import IdempotentRequest, submit_job
@@ -131,10 +131,7 @@ class Jobs(MethodView):
             after=query.get("cursor"),
         )
         jobs = services().db.read(lambda cur: job_store.list_jobs(cur, filters, limit + 1))
-        next_cursor = (
-            encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].id) if len(jobs) > limit else None
-        )
-        return {"items": jobs[:limit], "next_cursor": next_cursor}
+        return page(jobs, limit, lambda job: (job.created_at, job.id))
 
 
 @blp.route("/<uuid:job_id>", endpoint="get_job")

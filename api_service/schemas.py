@@ -6,8 +6,9 @@ import base64
 import binascii
 import json
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import marshmallow as ma
 from marshmallow import fields, validate
@@ -267,22 +268,46 @@ class Cursor(fields.Field[tuple[datetime, uuid.UUID]]):
     def _deserialize(
         self, value: Any, attr: str | None, data: Any, **kwargs: Any
     ) -> tuple[datetime, uuid.UUID]:
+        at, job_id = decode_cursor(str(value), str)
         try:
-            padded = str(value) + "=" * (-len(str(value)) % 4)
-            created_at, job_id = json.loads(base64.urlsafe_b64decode(padded.encode()))
-            if not isinstance(created_at, str) or not isinstance(job_id, str):
-                raise ValueError("cursor fields must be strings")
-            position = datetime.fromisoformat(created_at), uuid.UUID(job_id)
-            if position[0].tzinfo is None:
-                raise ValueError("cursor time must carry a timezone")
-            return position
-        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-            raise ma.ValidationError("Not a cursor returned by this API.") from None
+            return at, uuid.UUID(job_id)
+        except ValueError:
+            raise ma.ValidationError(CURSOR_ERROR) from None
 
 
-def encode_cursor(created_at: datetime, job_id: uuid.UUID) -> str:
-    raw = json.dumps([created_at.isoformat(), str(job_id)], separators=(",", ":"))
+CURSOR_ERROR = "Not a cursor returned by this API."
+T = TypeVar("T")
+CursorId = TypeVar("CursorId", str, int)
+
+
+def encode_cursor(at: datetime, row_id: uuid.UUID | int) -> str:
+    """A keyset position, ``[time, id]`` of the last row of a page, as base64url JSON."""
+    raw = json.dumps(
+        [at.isoformat(), row_id if isinstance(row_id, int) else str(row_id)], separators=(",", ":")
+    )
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str, id_type: type[CursorId]) -> tuple[datetime, CursorId]:
+    """The position ``encode_cursor`` wrote; ValidationError for anything else."""
+    try:
+        at, row_id = json.loads(base64.urlsafe_b64decode((raw + "=" * (-len(raw) % 4)).encode()))
+        if not isinstance(at, str) or type(row_id) is not id_type:
+            raise ValueError("cursor fields have the wrong types")
+        position = datetime.fromisoformat(at)
+        if position.tzinfo is None:
+            raise ValueError("cursor time must carry a timezone")
+        return position, row_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ma.ValidationError(CURSOR_ERROR) from None
+
+
+def page(
+    rows: Sequence[T], limit: int, position: Callable[[T], tuple[datetime, uuid.UUID | int]]
+) -> dict[str, Any]:
+    """A listing's page from ``limit + 1`` rows: the first ``limit``, and the cursor after them if more."""
+    next_cursor = encode_cursor(*position(rows[limit - 1])) if len(rows) > limit else None
+    return {"items": list(rows[:limit]), "next_cursor": next_cursor}
 
 
 class JobListQuerySchema(StrictSchema):

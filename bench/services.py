@@ -25,7 +25,8 @@ import pika
 import psutil
 import psycopg2
 import requests
-from psycopg2 import sql
+
+from shared.store.migrate import drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BASE = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -227,7 +228,7 @@ class BenchRun:
             proc.stop(timeout=10)
         self.procs.clear()
         with contextlib.suppress(Exception), pg(f"{PG_BASE}/postgres") as cur:
-            _drop_database(cur, self.database)
+            drop_database(cur, self.database)
         with contextlib.suppress(Exception), amqp_channel() as channel:
             for queue in sorted(self.queues):
                 for suffix in ("", ".DQ", ".XQ"):
@@ -245,7 +246,7 @@ class BenchRun:
             for (name,) in cur.fetchall():
                 pid = name.rsplit("_", 1)[1]
                 if name == self.database or (pid.isdigit() and not _pid_alive(int(pid))):
-                    _drop_database(cur, name)
+                    drop_database(cur, name)
 
     # --- processes -----------------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class BenchRun:
     def fresh_database(self) -> None:
         """(Re)create and migrate the run's database, with tenant "default"'s limits out of the way."""
         with pg(f"{PG_BASE}/postgres") as cur:
-            _drop_database(cur, self.database)
+            drop_database(cur, self.database)
         env = self.conveyor_env()
         conveyor = [sys.executable, "-m", "shared.cli"]
         subprocess.run([*conveyor, "migrate"], env=env, cwd=ROOT, check=True, capture_output=True)
@@ -293,12 +294,3 @@ class BenchRun:
             check=True,
             capture_output=True,
         )
-
-
-def _drop_database(cur: Any, name: str) -> None:
-    cur.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE datname = %s AND pid <> pg_backend_pid()",
-        (name,),
-    )
-    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))

@@ -93,7 +93,7 @@ def broker_url(settings: Settings) -> str:
 def database(settings: Settings) -> Iterator[str]:
     """This run's freshly migrated database, dropped at the end; fails (never skips) if Postgres is
     unreachable. Databases left by runs that died (their process is gone) are dropped too."""
-    from shared.store.migrate import migrate
+    from shared.store.migrate import drop_database, migrate
 
     base, name = settings.database_url.rsplit("/", 1)
     maintenance = base + "/postgres"
@@ -103,13 +103,13 @@ def database(settings: Settings) -> Iterator[str]:
             leftovers = [row[0] for row in cur.fetchall()]
             for stale in leftovers:
                 if stale == name or not _process_alive(stale.rsplit("_", 1)[1]):
-                    _drop_database(cur, stale)
+                    drop_database(cur, stale)
     except Exception as exc:
         pytest.fail(f"Postgres is not reachable ({exc}). Start it with: {START_POSTGRES}", pytrace=False)
     migrate(settings)
     yield settings.database_url
     with pg(maintenance) as cur:
-        _drop_database(cur, name)
+        drop_database(cur, name)
 
 
 def _process_alive(pid: str) -> bool:
@@ -120,17 +120,6 @@ def _process_alive(pid: str) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _drop_database(cur: Any, name: str) -> None:
-    from psycopg2 import sql
-
-    cur.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE datname = %s AND pid <> pg_backend_pid()",
-        (name,),
-    )
-    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")

@@ -109,3 +109,16 @@ def _ensure_database(settings: Settings) -> None:
         pass  # created concurrently by another migrate run
     finally:
         conn.close()
+
+
+def drop_database(cur: psycopg2.extensions.cursor, name: str) -> None:
+    """Disconnect everyone from database ``name`` and drop it (tests and benchmarks clean up with it).
+
+    ``cur`` is an autocommit cursor on another database of the same server (``postgres``).
+    """
+    cur.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    )
+    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
