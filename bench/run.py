@@ -25,6 +25,9 @@ from bench.load import wrk_path
 from bench.phases import Measurements, Subjects
 from bench.services import ROOT, BenchRun
 
+#: The groups of measurements ``--only`` selects from.
+GROUPS = ("drain", "submit", "latency")
+
 
 @dataclass(frozen=True)
 class Options:
@@ -37,6 +40,7 @@ class Options:
     profile: bool
     output: Path
     json: Path | None
+    only: frozenset[str]
 
 
 def parse(argv: list[str]) -> Options:
@@ -55,6 +59,12 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--profile", action="store_true", help="profile the worker and the API with py-spy")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=GROUPS,
+        help="run only this group of measurements (repeatable); the others are left out of the table",
+    )
     args = parser.parse_args(argv)
     return Options(
         args.jobs,
@@ -66,6 +76,7 @@ def parse(argv: list[str]) -> Options:
         args.profile,
         args.output,
         args.json,
+        frozenset(args.only or GROUPS),
     )
 
 
@@ -120,7 +131,7 @@ def _phases(subjects: Subjects, o: Options, m: Measurements, profiles: list[str]
             m.put(key, value)
         print(f"  {time.monotonic() - began:.1f}s", file=sys.stderr, flush=True)
 
-    for procs, threads in ((1, 8), (2, 8)):
+    for procs, threads in ((1, 8), (2, 8)) if "drain" in o.only else ():
         shape = f"{procs}x{threads}"
         phase(
             [f"drain.dramatiq.{shape}"],
@@ -134,22 +145,26 @@ def _phases(subjects: Subjects, o: Options, m: Measurements, profiles: list[str]
             [f"drain.conveyor.{shape}"],
             lambda p=procs, t=threads: (phases.drain_conveyor(subjects, o.jobs, p, t, m),),
         )
-    phase(
-        ["submit.single", "submit.batch", "submit.batch.c1"],
-        lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m),
-    )
-    phase(["submit.minimal"], lambda: (phases.submit_minimal(subjects, o.seconds, m),))
-    phase(["submit.flower"], lambda: (phases.submit_flower(subjects, o.seconds, m),))
-    phase(
-        ["latency.conveyor.p50", "latency.conveyor.p99"],
-        lambda: phases.latency_conveyor(subjects, o.rate, o.latency_seconds, m),
-    )
-    phase(
-        ["latency.dramatiq.p50", "latency.dramatiq.p99"],
-        lambda: phases.latency_dramatiq(subjects, o.rate, o.latency_seconds, m),
-    )
-    m.put("rss.api", m.peak_rss_mb.get("api", math.nan))
-    m.put("rss.worker", m.peak_rss_mb.get("worker", math.nan))
+    if "submit" in o.only:
+        phase(
+            ["submit.single", "submit.batch", "submit.batch.c1"],
+            lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m),
+        )
+        phase(["submit.minimal"], lambda: (phases.submit_minimal(subjects, o.seconds, m),))
+        phase(["submit.flower"], lambda: (phases.submit_flower(subjects, o.seconds, m),))
+    if "latency" in o.only:
+        phase(
+            ["latency.conveyor.p50", "latency.conveyor.p99"],
+            lambda: phases.latency_conveyor(subjects, o.rate, o.latency_seconds, m),
+        )
+        phase(
+            ["latency.dramatiq.p50", "latency.dramatiq.p99"],
+            lambda: phases.latency_dramatiq(subjects, o.rate, o.latency_seconds, m),
+        )
+    if o.only & {"submit", "latency"}:
+        m.put("rss.api", m.peak_rss_mb.get("api", math.nan))
+    if o.only & {"drain", "latency"}:
+        m.put("rss.worker", m.peak_rss_mb.get("worker", math.nan))
     if o.scale:
         phase(
             ["scale.submit.single", "scale.submit.batch", "scale.submit.batch.c1"],

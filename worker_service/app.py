@@ -24,6 +24,7 @@ from shared.store import Database
 from worker_service import metrics
 from worker_service.deadlines import DeadlineMonitor
 from worker_service.executor import Executor, Handler, Message
+from worker_service.group_commit import GroupCommit
 from worker_service.handlers import load_handler
 from worker_service.leases import LeaseKeeper
 
@@ -40,7 +41,8 @@ class WorkerRuntime(dramatiq.Middleware):
             self.db, self.settings.job_lease_seconds, heartbeat_file=self.settings.worker_heartbeat_file
         )
         self.deadlines = DeadlineMonitor()
-        self.executor = Executor(self.settings, self.db, self.leases, self.deadlines)
+        self.group = GroupCommit(self.db, self.settings.job_lease_seconds)
+        self.executor = Executor(self.settings, self.db, self.group, self.leases, self.deadlines)
 
     @property
     def forks(self) -> list[Callable[[], int]]:
@@ -48,6 +50,7 @@ class WorkerRuntime(dramatiq.Middleware):
         return [metrics.serve_metrics] if self.settings.worker_metrics_bind else []
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        self.group.start()
         self.leases.start()
         self.deadlines.start()
         logger.info("worker process ready; queues: %s", ", ".join(sorted(broker.get_declared_queues())))
@@ -55,6 +58,7 @@ class WorkerRuntime(dramatiq.Middleware):
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         self.leases.stop()
         self.deadlines.stop()
+        self.group.stop()
         self.db.close()
 
 

@@ -1,6 +1,8 @@
 """Running one job message: claim in Postgres, run the handler, record the outcome, ack or dead-letter.
 
-Per message, in the common case, exactly two statements reach Postgres: the claim and the outcome.
+Per message, in the common case, two writes reach Postgres: the claim and the outcome. Claims and
+successes go through the process's ``GroupCommit``, which writes those of all its threads in one shared
+statement and commit per round (``worker_service/group_commit.py``).
 
 - The claim is a compare-and-set (queued/retrying and due → running, attempts + 1). Any other copy of
   the message (a redelivery, a duplicate publish) finds the job running or finished and is acked
@@ -10,9 +12,11 @@ Per message, in the common case, exactly two statements reach Postgres: the clai
   unacked message held past ``consumer_timeout``) and cannot be lost between ack and re-publish.
 - A final failure writes ``failed`` first, then nacks the message so RabbitMQ dead-letters it to the
   queue's ``.XQ``.
-- If Postgres is unreachable, the worker thread waits and tries again rather than acking: the message
-  stays unacked in RabbitMQ until the outcome is safely written (or the process dies and RabbitMQ
-  redelivers it).
+- A success is handed to the group commit and the thread moves on: the job stays ``running`` under its
+  lease until the success is written, so a death in between is recovered like a death in the handler.
+- If Postgres is unreachable, a worker thread waits and tries again rather than acking: a claim, a
+  failure or a cancellation is written before its message is acked (or the process dies and RabbitMQ
+  redelivers it); the writer thread keeps pending successes until it can write them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from worker_service import metrics
 from worker_service.context import JobContext
 from worker_service.deadlines import DeadlineMonitor
 from worker_service.errors import FatalJobError, JobCancelled, JobTimeout
+from worker_service.group_commit import GroupCommit
 from worker_service.leases import LeaseKeeper
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,8 @@ class Message(Protocol):
 class Outcome:
     """What an attempt came to; ``error`` is None on success."""
 
-    result: Any = None
+    #: The handler's result encoded as JSON (what is stored).
+    result_json: str = "null"
     error: JobError | None = None
     retryable: bool = False
     cancelled: bool = False
@@ -73,10 +79,16 @@ class Outcome:
 
 class Executor:
     def __init__(
-        self, settings: Settings, db: Database, leases: LeaseKeeper, deadlines: DeadlineMonitor
+        self,
+        settings: Settings,
+        db: Database,
+        group: GroupCommit,
+        leases: LeaseKeeper,
+        deadlines: DeadlineMonitor,
     ) -> None:
         self._settings = settings
         self._db = db
+        self._group = group
         self._leases = leases
         self._deadlines = deadlines
 
@@ -89,9 +101,7 @@ class Executor:
             return
         log: dict[str, Any] = {"job_id": job_id, "job_type": job_type.name,
                                "request_id": message.options.get("request_id")}  # fmt: skip
-        claim = self._with_db(
-            lambda cur: attempt_store.claim_job(cur, job_id, self._settings.job_lease_seconds)
-        )
+        claim = self._until_stored(lambda: self._group.claim(job_id))
         if isinstance(claim, attempt_store.Missing):
             logger.error("dead-lettering message: no job has its id", extra=log)
             message.fail()
@@ -111,9 +121,31 @@ class Executor:
         logger.info("attempt started", extra=log)
         timer = metrics.AttemptTimer(*labels)
         outcome = self._run_handler(job, handler, log)
+        timer.stop()
+        if outcome.error is None and not outcome.cancelled:
+            # Written in the process's next group-commit round; this thread moves on to its next message.
+            self._group.record_success(
+                job, outcome.result_json, lambda written: self._report(job, outcome, written, timer, log)
+            )
+            return
         status = self._record(job, outcome)
+        self._report(job, outcome, status is not None, timer, log, status)
+        if status is JobStatus.FAILED:
+            message.fail()  # dead-letter the message to the queue's XQ
+
+    def _report(
+        self,
+        job: Job,
+        outcome: Outcome,
+        written: bool,
+        timer: metrics.AttemptTimer,
+        log: dict[str, Any],
+        status: JobStatus | None = JobStatus.SUCCEEDED,
+    ) -> None:
+        """Metrics and logs of an attempt whose outcome was written, or discarded (``written`` False)."""
+        labels = (job.type, job.queue)
         error = outcome.error
-        if status is None:
+        if not written:
             timer.finish("discarded")
             logger.warning("outcome discarded: the attempt was taken over after its lease lapsed", extra=log)
             return
@@ -135,7 +167,6 @@ class Executor:
             assert error is not None
             metrics.DEAD_LETTERED.labels(*labels, error.type).inc()
             logger.error("job failed: %s", error.detail, extra=log)
-            message.fail()  # dead-letter the message to the queue's XQ
 
     def _run_handler(self, job: Job, handler: Handler, log: dict[str, Any]) -> Outcome:
         deadline = time.monotonic() + job.timeout_seconds
@@ -170,14 +201,15 @@ class Executor:
         finally:
             self._leases.untrack(job.id)
         try:
-            json.dumps(result, allow_nan=False)  # jsonb has no NaN or Infinity
+            encoded = json.dumps(result, allow_nan=False)  # jsonb has no NaN or Infinity
         except (TypeError, ValueError) as exc:
             return _failure(job, "InvalidResult", "The handler returned a result that is not JSON",
                             str(exc), retryable=False)  # fmt: skip
-        return Outcome(result=result)
+        return Outcome(result_json=encoded)
 
     def _record(self, job: Job, outcome: Outcome) -> JobStatus | None:
-        """Write the attempt's outcome; the status it left the job in, or None if it was taken over."""
+        """Write a failed or cancelled attempt's outcome; the status it left the job in, or None if the
+        attempt was taken over."""
         error = outcome.error
 
         def written(ok: bool, status: JobStatus) -> JobStatus | None:
@@ -187,9 +219,7 @@ class Executor:
             return written(
                 self._with_db(lambda cur: attempt_store.record_cancelled(cur, job)), JobStatus.CANCELLED
             )
-        if error is None:
-            ok = self._with_db(lambda cur: attempt_store.record_success(cur, job, outcome.result))
-            return written(ok, JobStatus.SUCCEEDED)
+        assert error is not None, "successes go through the group commit"
         if outcome.retryable and job.attempts < job.max_attempts:
             delay = retry_delay_seconds(
                 job.attempts, base=self._settings.retry_base_seconds, cap=self._settings.retry_max_seconds
@@ -209,9 +239,13 @@ class Executor:
 
     def _with_db(self, work: Callable[[Cursor], T]) -> T:
         """Run one statement, waiting out a Postgres outage instead of giving up on the message."""
+        return self._until_stored(lambda: self._db.execute(work))
+
+    def _until_stored(self, write: Callable[[], T]) -> T:
+        """Call ``write`` until Postgres takes it, rather than give up on the message."""
         for attempt in range(1_000_000):
             try:
-                return self._db.execute(work)
+                return write()
             except StoreUnavailable as exc:
                 delay = DB_RETRY_DELAYS[min(attempt, len(DB_RETRY_DELAYS) - 1)]
                 logger.warning("database unavailable (%s); retrying in %.1fs", exc, delay)

@@ -95,9 +95,17 @@ class AttemptTimer:
     def __init__(self, job_type: str, queue: str) -> None:
         self._labels = (job_type, queue)
         self._started = time.perf_counter()
+        self._elapsed: float | None = None
         STARTED.labels(*self._labels).inc()
         IN_PROGRESS.labels(*self._labels).inc()
 
+    def stop(self) -> None:
+        """The attempt stopped running (its outcome may be written later)."""
+        if self._elapsed is None:
+            self._elapsed = time.perf_counter() - self._started
+            IN_PROGRESS.labels(*self._labels).dec()
+
     def finish(self, outcome: str) -> None:
-        IN_PROGRESS.labels(*self._labels).dec()
-        DURATION.labels(*self._labels, outcome).observe(time.perf_counter() - self._started)
+        self.stop()
+        assert self._elapsed is not None
+        DURATION.labels(*self._labels, outcome).observe(self._elapsed)

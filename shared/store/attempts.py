@@ -7,10 +7,13 @@ can no longer write a result.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import psycopg2.errors
 
 from shared.jobs import WORKER_LOST, Job, JobError, JobStatus, sources_of
 from shared.store.db import Cursor, json_param
@@ -43,49 +46,86 @@ ClaimResult = Claimed | NotClaimable | Missing
 def claim_job(cur: Cursor, job_id: uuid.UUID, lease_seconds: float) -> ClaimResult:
     """Compare-and-set a due job from queued/retrying to running, counting the attempt.
 
-    One statement in the common case; a second one only to explain a refusal.
+    One statement in the common case; a second one only to explain a refusal. Autocommit only.
     """
-    cur.execute(
-        f"""
+    return write_round(cur, [job_id], lease_seconds, []).claims[job_id]
+
+
+def record_success(cur: Cursor, job: Job, result: Any) -> bool:
+    """Running → succeeded for this attempt; False if it was taken over meanwhile. Autocommit only."""
+    return job.id in write_round(cur, [], 0, [(job, json.dumps(result))]).succeeded
+
+
+@dataclass(frozen=True)
+class Round:
+    claims: dict[uuid.UUID, ClaimResult]
+    #: Ids of the jobs whose success was written (an attempt taken over is not).
+    succeeded: set[uuid.UUID]
+
+
+_CLAIMED_COLUMNS = ", ".join("claimed." + c for c in JOB_COLUMNS.split(", "))
+
+#: The worker's common case in one statement: claim some jobs (``$1``, for ``$2`` seconds) and record the
+#: success of others (``$3`` ids, ``$4`` attempts, ``$5`` results as JSON text). Claimed rows are locked in
+#: id order, so two workers claiming overlapping sets cannot deadlock. It always returns one row at least:
+#: the ids that succeeded, then the claimed job (NULLs if none was).
+_WRITE_ROUND = f"""
+    PREPARE conveyor_write_round(uuid[], double precision, uuid[], int[], text[]) AS
+    WITH succeeded AS (
+        UPDATE jobs SET status = '{JobStatus.SUCCEEDED.value}', result = mine.result::jsonb, error = NULL,
+                        finished_at = now(), updated_at = now(), lease_expires_at = NULL
+        FROM unnest($3, $4, $5) AS mine(id, attempt, result)
+        WHERE jobs.id = ANY($3) AND jobs.id = mine.id AND jobs.status = '{JobStatus.RUNNING.value}'
+              AND jobs.attempts = mine.attempt
+        RETURNING jobs.id
+    ), claimed AS (
         UPDATE jobs
-        SET status = %(running)s, attempts = attempts + 1, started_at = now(), updated_at = now(),
-            progress = NULL, lease_expires_at = now() + %(lease)s * interval '1 second'
-        WHERE id = %(id)s AND status = ANY(%(claimable)s) AND run_at <= now()
+        SET status = '{JobStatus.RUNNING.value}', attempts = attempts + 1, started_at = now(),
+            updated_at = now(), progress = NULL, lease_expires_at = now() + $2 * interval '1 second'
+        WHERE id = ANY($1) AND status = ANY('{{{",".join(_CLAIMABLE)}}}') AND run_at <= now()
         RETURNING {JOB_COLUMNS}
-        """,  # noqa: S608
-        {"id": job_id, "running": JobStatus.RUNNING.value, "claimable": _CLAIMABLE, "lease": lease_seconds},
     )
-    row = cur.fetchone()
-    if row:
-        return Claimed(job_from_row(row))
-    cur.execute("SELECT status, run_at > now() FROM jobs WHERE id = %s", (job_id,))
-    found = cur.fetchone()
-    if found is None:
-        return Missing()
-    return NotClaimable(JobStatus(found[0]), bool(found[1]))
+    SELECT (SELECT array_agg(id) FROM succeeded), {_CLAIMED_COLUMNS}
+    FROM (SELECT 1) AS one LEFT JOIN claimed ON true
+"""  # noqa: S608 - fixed fragments only
+
+
+def write_round(
+    cur: Cursor, claims: Sequence[uuid.UUID], lease_seconds: float, successes: Sequence[tuple[Job, str]]
+) -> Round:
+    """Claim ``claims`` (distinct ids) and record ``successes`` (claimed jobs with their result encoded
+    as JSON) in one statement, so in one commit: the worker's group commit
+    (``worker_service/group_commit.py``).
+
+    The statement is prepared once per connection, with a generic plan: planning it would otherwise
+    cost more than running it. Autocommit only (a missing prepared statement would abort a transaction).
+    A second statement runs only to explain refused claims.
+    """
+    params = (sorted(claims), lease_seconds, [job.id for job, _ in successes],
+              [job.attempts for job, _ in successes], [result for _, result in successes])  # fmt: skip
+    try:
+        cur.execute("EXECUTE conveyor_write_round(%s::uuid[], %s, %s::uuid[], %s::int[], %s::text[])", params)
+    except psycopg2.errors.InvalidSqlStatementName:  # first use on this connection
+        cur.execute("SET plan_cache_mode = force_generic_plan")
+        cur.execute(_WRITE_ROUND)
+        cur.execute("EXECUTE conveyor_write_round(%s::uuid[], %s, %s::uuid[], %s::int[], %s::text[])", params)
+    rows = cur.fetchall()
+    succeeded = set(rows[0][0] or ())
+    results: dict[uuid.UUID, ClaimResult] = {}
+    for row in rows:
+        if row[1] is not None:
+            job = job_from_row(row[1:])
+            results[job.id] = Claimed(job)
+    refused = [job_id for job_id in claims if job_id not in results]
+    if refused:
+        cur.execute("SELECT id, status, run_at > now() FROM jobs WHERE id = ANY(%s::uuid[])", (refused,))
+        for job_id, status, due_later in cur.fetchall():
+            results[job_id] = NotClaimable(JobStatus(status), bool(due_later))
+    return Round({job_id: results.get(job_id, Missing()) for job_id in claims}, succeeded)
 
 
 def _fence() -> str:
     return "id = %(id)s AND status = %(running)s AND attempts = %(attempt)s"
-
-
-def record_success(cur: Cursor, job: Job, result: Any) -> bool:
-    """Running → succeeded for this attempt. False if the attempt was taken over meanwhile."""
-    cur.execute(
-        f"""
-        UPDATE jobs SET status = %(succeeded)s, result = %(result)s, error = NULL, finished_at = now(),
-                        updated_at = now(), lease_expires_at = NULL
-        WHERE {_fence()}
-        """,  # noqa: S608
-        {
-            "id": job.id,
-            "running": JobStatus.RUNNING.value,
-            "attempt": job.attempts,
-            "succeeded": JobStatus.SUCCEEDED.value,
-            "result": json_param(result),
-        },
-    )
-    return bool(cur.rowcount == 1)
 
 
 def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -> JobStatus | None:

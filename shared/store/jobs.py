@@ -30,6 +30,7 @@ from shared.jobs import (
 )
 from shared.messages import Dispatch
 from shared.store.db import Cursor, json_param
+from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
 
 JOB_COLUMNS = (
     "id, tenant, type, queue, status, payload, priority, attempts, max_attempts, timeout_seconds, run_at, "
@@ -59,6 +60,89 @@ class IdempotencyRecord:
     response_status: int
 
 
+# The three inserts of a submission, as CTEs of one statement: the job (if ``{guard}`` holds), its outbox
+# row, and its idempotency key (if one was given). The outbox row of a job due now is held for the grace
+# period, so that the relay leaves it to the API that publishes it right after COMMIT.
+_INSERTS = f"""
+    job AS (
+        INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
+                          timeout_seconds, run_at, labels, request_id)
+        SELECT %(id)s, %(tenant)s, %(type)s, %(queue)s, %(status)s, %(payload)s, %(priority)s,
+               %(max_attempts)s, %(timeout)s,
+               COALESCE(%(run_at)s, now() + %(delay)s * interval '1 second'), %(labels)s, %(request_id)s
+        WHERE {{guard}}
+        RETURNING {JOB_COLUMNS}
+    ), outbox_row AS (
+        INSERT INTO outbox (job_id, available_at, locked_until)
+        SELECT id, run_at, CASE WHEN run_at <= now() THEN now() + %(grace)s * interval '1 second' END
+        FROM job
+        RETURNING id
+    )"""  # noqa: S608 - only the fixed column list is interpolated
+
+#: An idempotency key row for the submission, replacing an expired one; ``{source}`` gives its job id.
+_KEY_INSERT = """
+        INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
+        SELECT %(tenant)s, %(key)s, %(fingerprint)s, {source}, %(response_status)s,
+               now() + %(key_ttl)s * interval '1 second'
+        WHERE %(key)s::text IS NOT NULL AND {guard}
+        ON CONFLICT (tenant, key) DO UPDATE
+            SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
+                response_status = EXCLUDED.response_status, created_at = now(),
+                expires_at = EXCLUDED.expires_at
+            WHERE idempotency_keys.expires_at <= now()
+        RETURNING 1"""
+
+_UNDER_CAP = (
+    "(SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s) < %(max_active)s"
+)
+
+
+def _insert_params(
+    job_id: uuid.UUID,
+    tenant: str,
+    new: NewJob,
+    max_active_jobs: int,
+    outbox_grace_seconds: float,
+    idempotency: IdempotencyRecord | None,
+    request_id: str | None,
+) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "tenant": tenant,
+        "request_id": request_id,
+        "max_active": max_active_jobs,
+        "type": new.type,
+        "queue": new.queue,
+        "status": INITIAL_STATUS.value,
+        "payload": json_param(new.payload),
+        "priority": new.priority,
+        "max_attempts": new.max_attempts,
+        "timeout": new.timeout_seconds,
+        "run_at": new.run_at,
+        "delay": new.delay_seconds,
+        "labels": json_param(new.labels),
+        "grace": outbox_grace_seconds,
+        "key": idempotency.key if idempotency else None,
+        "fingerprint": idempotency.fingerprint if idempotency else None,
+        "response_status": idempotency.response_status if idempotency else None,
+        "key_ttl": idempotency.ttl_seconds if idempotency else 0,
+    }
+
+
+def _dispatch_of(job: Job, outbox_id: int | None, due_now: bool, request_id: str | None) -> Dispatch | None:
+    if outbox_id is None or not due_now:
+        return None
+    return Dispatch(job.id, job.type, job.queue, job.priority, outbox_id, request_id)
+
+
+def too_many_active(max_active_jobs: int) -> TooManyActiveJobs:
+    return TooManyActiveJobs(
+        f"The tenant may have at most {max_active_jobs} jobs waiting or running, and has reached that; "
+        "retry once some have finished.",
+        retry_after=TOO_MANY_ACTIVE_RETRY_AFTER,
+    )
+
+
 def insert_job(
     cur: Cursor,
     job_id: uuid.UUID,
@@ -70,76 +154,100 @@ def insert_job(
     idempotency: IdempotencyRecord | None = None,
     request_id: str | None = None,
 ) -> tuple[Job, Dispatch | None]:
-    """Insert a job, its outbox row and (optionally) its idempotency key in one statement.
+    """Insert a job, its outbox row and (optionally) its idempotency key in one statement, inside the
+    caller's transaction (a batch: the caller holds the key's lock and checked for a stored response).
 
-    Returns the job and, if it is due now, the dispatch the caller should publish after COMMIT. The
-    outbox row of a due job is held for ``outbox_grace_seconds`` so that the relay leaves it to the
-    caller; a job scheduled for later is left entirely to the relay. Raises TooManyActiveJobs, and
-    inserts nothing, if the tenant already has ``max_active_jobs`` jobs waiting or running.
+    Returns the job and, if it is due now, the dispatch the caller should publish after COMMIT; a job
+    scheduled for later is left to the relay. Raises TooManyActiveJobs, and inserts nothing, if the
+    tenant already has ``max_active_jobs`` jobs waiting or running.
     """
+    key_row = _KEY_INSERT.format(source="(SELECT id FROM job)", guard="EXISTS (SELECT 1 FROM job)")
     cur.execute(
-        f"""
-        WITH job AS (
-            INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
-                              timeout_seconds, run_at, labels, request_id)
-            SELECT %(id)s, %(tenant)s, %(type)s, %(queue)s, %(status)s, %(payload)s, %(priority)s,
-                   %(max_attempts)s, %(timeout)s,
-                   COALESCE(%(run_at)s, now() + %(delay)s * interval '1 second'), %(labels)s, %(request_id)s
-            WHERE (SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s)
-                  < %(max_active)s
-            RETURNING {JOB_COLUMNS}
-        ), outbox_row AS (
-            INSERT INTO outbox (job_id, available_at, locked_until)
-            SELECT id, run_at,
-                   CASE WHEN run_at <= now() THEN now() + %(grace)s * interval '1 second' END
-            FROM job
-            RETURNING id
-        ), key_row AS (
-            INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
-            SELECT tenant, %(key)s, %(fingerprint)s, id, %(response_status)s,
-                   now() + %(key_ttl)s * interval '1 second'
-            FROM job WHERE %(key)s::text IS NOT NULL
-            ON CONFLICT (tenant, key) DO UPDATE
-                SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
-                    response_status = EXCLUDED.response_status, created_at = now(),
-                    expires_at = EXCLUDED.expires_at
-                WHERE idempotency_keys.expires_at <= now()
-        )
-        SELECT job.*, outbox_row.id, job.run_at <= now() FROM job, outbox_row
-        """,  # noqa: S608 - only the fixed column list is interpolated
-        {
-            "id": job_id,
-            "tenant": tenant,
-            "request_id": request_id,
-            "max_active": max_active_jobs,
-            "type": new.type,
-            "queue": new.queue,
-            "status": INITIAL_STATUS.value,
-            "payload": json_param(new.payload),
-            "priority": new.priority,
-            "max_attempts": new.max_attempts,
-            "timeout": new.timeout_seconds,
-            "run_at": new.run_at,
-            "delay": new.delay_seconds,
-            "labels": json_param(new.labels),
-            "grace": outbox_grace_seconds,
-            "key": idempotency.key if idempotency else None,
-            "fingerprint": idempotency.fingerprint if idempotency else None,
-            "response_status": idempotency.response_status if idempotency else None,
-            "key_ttl": idempotency.ttl_seconds if idempotency else 0,
-        },
+        f"""WITH{_INSERTS.format(guard=_UNDER_CAP)}, key_row AS ({key_row})
+        SELECT job.*, outbox_row.id, job.run_at <= now() FROM job, outbox_row""",  # noqa: S608 - fixed fragments
+        _insert_params(job_id, tenant, new, max_active_jobs, outbox_grace_seconds, idempotency, request_id),
     )
     row = cur.fetchone()
     if row is None:
-        raise TooManyActiveJobs(
-            f"The tenant may have at most {max_active_jobs} jobs waiting or running, and has reached that; "
-            "retry once some have finished.",
-            retry_after=TOO_MANY_ACTIVE_RETRY_AFTER,
-        )
+        raise too_many_active(max_active_jobs)
     job = job_from_row(row)
-    outbox_id, due_now = row[_WIDTH], row[_WIDTH + 1]
-    dispatch = Dispatch(job.id, job.type, job.queue, job.priority, outbox_id, request_id) if due_now else None
-    return job, dispatch
+    return job, _dispatch_of(job, row[_WIDTH], row[_WIDTH + 1], request_id)
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What the one statement of a single submission did (``submit``)."""
+
+    #: False: another request holds the idempotency key right now (nothing was done).
+    key_lock_held: bool
+    #: The live record of the key, if the statement found one (nothing else was done).
+    stored: tuple[str, uuid.UUID, int] | None
+    #: The token bucket's answer; None if no token was asked for.
+    rate: RateDecision | None
+    #: The new job and what to publish; None if it was not inserted.
+    job: Job | None
+    dispatch: Dispatch | None
+
+
+def submit(
+    cur: Cursor,
+    job_id: uuid.UUID,
+    tenant: str,
+    new: NewJob,
+    *,
+    limits: TenantLimits,
+    outbox_grace_seconds: float,
+    idempotency: IdempotencyRecord | None,
+    key_lock_id: int | None,
+    request_id: str | None,
+) -> SubmitResult:
+    """A single submission in one self-committing statement: take the key's lock, look for its stored
+    response, take a token, check the active-job cap, and insert the job, its outbox row and its key.
+
+    Each step runs only if the ones before let it: a stored response costs no token; a refused token
+    inserts nothing. The key row is inserted before the job and the job only with it, so a request
+    that took the lock just after another one stored the key (its snapshot predates that COMMIT)
+    inserts nothing and finds ``job`` None with the bucket allowed: the caller reads the key again.
+    """
+    no_key_or_new = "EXISTS (SELECT 1 FROM key_row)" if idempotency else "true"
+    cur.execute(
+        f"""
+        WITH lock AS (
+            SELECT %(key)s::text IS NULL OR pg_try_advisory_xact_lock(%(lock_id)s) AS held
+        ), stored AS (
+            SELECT fingerprint, job_id, response_status FROM idempotency_keys
+            WHERE %(key)s::text IS NOT NULL AND (SELECT held FROM lock)
+                  AND tenant = %(tenant)s AND key = %(key)s AND expires_at > now()
+        ), bucket AS (
+            {BUCKET_UPSERT.format(guard="(SELECT held FROM lock) AND NOT EXISTS (SELECT 1 FROM stored)")}
+        ), go AS (
+            SELECT (SELECT allowed FROM bucket) IS TRUE AND {_UNDER_CAP} AS ok
+        ), key_row AS ({_KEY_INSERT.format(source="%(id)s", guard="(SELECT ok FROM go)")}
+        ),{_INSERTS.format(guard="(SELECT ok FROM go) AND " + no_key_or_new)}
+        SELECT lock.held, stored.fingerprint, stored.job_id, stored.response_status, bucket.tokens,
+               bucket.allowed, outbox_row.id, job.run_at <= now(), job.*
+        FROM lock LEFT JOIN stored ON true LEFT JOIN bucket ON true LEFT JOIN job ON true
+             LEFT JOIN outbox_row ON true
+        """,  # noqa: S608 - fixed fragments only
+        {
+            **_insert_params(
+                job_id, tenant, new, limits.max_active_jobs, outbox_grace_seconds, idempotency, request_id
+            ),
+            **bucket_params(tenant, limits, 1),
+            "lock_id": key_lock_id,
+        },
+    )
+    row = cur.fetchone()
+    assert row is not None, "the statement always returns one row"
+    held, fingerprint, stored_job, status, tokens, allowed, outbox_id, due_now = row[:8]
+    job = job_from_row(row[8:]) if row[8] is not None else None
+    return SubmitResult(
+        key_lock_held=bool(held),
+        stored=(fingerprint, stored_job, status) if fingerprint is not None else None,
+        rate=rate_decision(float(tokens), bool(allowed), limits, 1) if tokens is not None else None,
+        job=job,
+        dispatch=_dispatch_of(job, outbox_id, due_now, request_id) if job else None,
+    )
 
 
 def get_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:

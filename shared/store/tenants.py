@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from shared.store.db import Cursor
 
@@ -83,6 +84,35 @@ class RateDecision:
     reset: int
 
 
+#: Takes ``%(cost)s`` tokens (one per job) from ``%(tenant)s``'s bucket if it holds ``%(need)s`` and
+#: ``{guard}`` is true; returns the tokens left and whether it took them (see ``take_submission_token``).
+BUCKET_UPSERT = """
+    INSERT INTO rate_buckets AS b (tenant, tokens, refilled_at, allowed)
+    SELECT %(tenant)s, %(burst)s - %(cost)s, now(), true WHERE {guard}
+    ON CONFLICT (tenant) DO UPDATE SET
+        allowed = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= %(need)s,
+        tokens = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
+                 - %(cost)s * (rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
+                               >= %(need)s)::int,
+        refilled_at = now()
+    RETURNING tokens, allowed"""
+
+
+def bucket_params(tenant: str, limits: TenantLimits, cost: int) -> dict[str, Any]:
+    burst = float(limits.submit_burst)
+    return {"tenant": tenant, "burst": burst, "rate": limits.submit_rate_per_second,
+            "cost": float(cost), "need": min(float(cost), burst)}  # fmt: skip
+
+
+def rate_decision(tokens: float, allowed: bool, limits: TenantLimits, cost: int) -> RateDecision:
+    rate, burst = limits.submit_rate_per_second, float(limits.submit_burst)
+    reset = math.ceil((burst - tokens) / rate)
+    if allowed:
+        return RateDecision(True, max(0, int(tokens)), 0, reset)
+    need = min(float(cost), burst)
+    return RateDecision(False, 0, max(1, math.ceil((need - tokens) / rate)), reset)
+
+
 def take_submission_token(cur: Cursor, tenant: str, limits: TenantLimits, cost: int = 1) -> RateDecision:
     """Take ``cost`` tokens (one per job) from the tenant's bucket if it has them; one statement,
     atomic across replicas.
@@ -92,26 +122,7 @@ def take_submission_token(cur: Cursor, tenant: str, limits: TenantLimits, cost: 
     than the burst is allowed once the bucket is full and leaves it in debt, so the jobs it carried
     still count against the rate.
     """
-    rate, burst = limits.submit_rate_per_second, float(limits.submit_burst)
-    need = min(float(cost), burst)
-    cur.execute(
-        """
-        INSERT INTO rate_buckets AS b (tenant, tokens, refilled_at, allowed)
-        VALUES (%(tenant)s, %(burst)s - %(cost)s, now(), true)
-        ON CONFLICT (tenant) DO UPDATE SET
-            allowed = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= %(need)s,
-            tokens = rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
-                     - %(cost)s * (rate_bucket_level(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
-                                   >= %(need)s)::int,
-            refilled_at = now()
-        RETURNING tokens, allowed
-        """,
-        {"tenant": tenant, "burst": burst, "rate": rate, "cost": float(cost), "need": need},
-    )
+    cur.execute(BUCKET_UPSERT.format(guard="true"), bucket_params(tenant, limits, cost))
     row = cur.fetchone()
     assert row is not None
-    tokens, allowed = float(row[0]), bool(row[1])
-    reset = math.ceil((burst - tokens) / rate)
-    if allowed:
-        return RateDecision(True, max(0, int(tokens)), 0, reset)
-    return RateDecision(False, 0, max(1, math.ceil((need - tokens) / rate)), reset)
+    return rate_decision(float(row[0]), bool(row[1]), limits, cost)

@@ -1,0 +1,202 @@
+"""The worker's group commit against the real Postgres: shared rounds, duplicate claims, discarded and
+delayed successes."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from support import pg, wait_for
+
+from shared.errors import StoreUnavailable
+from shared.jobs import NewJob
+from shared.settings import Settings
+from shared.store import Database
+from shared.store import attempts as attempt_store
+from shared.store import jobs as job_store
+from shared.store.db import Cursor
+from worker_service.group_commit import GroupCommit
+
+NOOP = NewJob("noop", "default", {}, 5, 2, 60, None, 0.0, {})
+
+
+@pytest.fixture(scope="module")
+def db(settings: Settings, database: str) -> Iterator[Database]:
+    db = Database(settings)
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def group(db: Database) -> Iterator[GroupCommit]:
+    group = GroupCommit(db, lease_seconds=30)
+    group.start()
+    yield group
+    group.stop()
+
+
+def insert(db: Database, count: int) -> list[uuid.UUID]:
+    ids = [uuid.uuid4() for _ in range(count)]
+
+    def write(cur: Cursor) -> None:
+        for job_id in ids:
+            job_store.insert_job(cur, job_id, "default", NOOP, max_active_jobs=10**6, outbox_grace_seconds=0)
+
+    db.run(write)
+    return ids
+
+
+def statuses(dsn: str, ids: list[uuid.UUID]) -> dict[str, int]:
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT status, count(*) FROM jobs WHERE id = ANY(%s::uuid[]) GROUP BY status",
+            ([str(i) for i in ids],),
+        )
+        return dict(cur.fetchall())
+
+
+def test_threads_share_rounds_and_every_job_succeeds(group: GroupCommit, db: Database, dsn: str) -> None:
+    ids = insert(db, 400)
+    written: list[bool] = []
+    todo = list(ids)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                job_id = todo.pop()
+            claim = group.claim(job_id)
+            assert isinstance(claim, attempt_store.Claimed)
+            assert claim.job.attempts == 1
+            group.record_success(claim.job, '{"ok": true}', written.append)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_for(lambda: len(written) == 400, timeout=10, what="every success to be written")
+    assert all(written)
+    assert statuses(dsn, ids) == {"succeeded": 400}
+    assert group.writes == 800
+    assert group.rounds < 800 * 0.75, f"8 threads shared rounds: {group.rounds} rounds for 800 writes"
+
+
+class GatedDatabase:
+    """The real database; the first round waits until ``gate`` is set, so later requests queue up."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.gate, self.rounds = db, threading.Event(), 0
+
+    def execute(self, work: Callable[[Cursor], Any]) -> Any:
+        self.rounds += 1
+        if self.rounds == 1:
+            self.gate.wait(10)
+        return self.db.execute(work)
+
+
+def test_duplicate_claims_in_one_round_claim_once(db: Database, dsn: str) -> None:
+    [held, job_id] = insert(db, 2)
+    gated = GatedDatabase(db)
+    group = GroupCommit(gated, lease_seconds=30)  # type: ignore[arg-type]
+    group.start()
+    results: list[attempt_store.ClaimResult] = []
+    try:
+        first = threading.Thread(target=group.claim, args=(held,))
+        first.start()
+        wait_for(lambda: gated.rounds == 1, timeout=5, what="the first round to start")
+        # Two deliveries of the same job queue up behind it and go out together in the second round.
+        threads = [threading.Thread(target=lambda: results.append(group.claim(job_id))) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        wait_for(
+            lambda: group.writes == 0 and len(group._claims) == 2, timeout=5, what="both claims to queue"
+        )
+        gated.gate.set()
+        for thread in [first, *threads]:
+            thread.join()
+    finally:
+        group.stop()
+    assert group.rounds == 2
+    claimed = [r for r in results if isinstance(r, attempt_store.Claimed)]
+    refused = [r for r in results if isinstance(r, attempt_store.NotClaimable)]
+    assert len(claimed) == 1
+    assert len(refused) == 1
+    assert refused[0].status.value == "running"
+    assert statuses(dsn, [job_id]) == {"running": 1}
+
+
+def test_success_of_a_taken_over_attempt_is_reported_discarded(group: GroupCommit, db: Database) -> None:
+    [job_id] = insert(db, 1)
+    claim = group.claim(job_id)
+    assert isinstance(claim, attempt_store.Claimed)
+    stale = claim.job
+    # The lease lapses and another attempt takes over (as the relay's recovery would).
+    db.execute(lambda cur: cur.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = %s", (job_id,)))
+    outcome: list[bool] = []
+    group.record_success(stale, "null", outcome.append)
+    wait_for(lambda: outcome, timeout=5, what="the success round")
+    assert outcome == [False]
+
+
+def test_missing_job_and_finished_job_are_told_apart(group: GroupCommit, db: Database) -> None:
+    assert isinstance(group.claim(uuid.uuid4()), attempt_store.Missing)
+    [job_id] = insert(db, 1)
+    claim = group.claim(job_id)
+    assert isinstance(claim, attempt_store.Claimed)
+    done: list[bool] = []
+    group.record_success(claim.job, "null", done.append)
+    wait_for(lambda: done == [True], timeout=5, what="the success")
+    again = group.claim(job_id)
+    assert isinstance(again, attempt_store.NotClaimable)
+    assert again.status.value == "succeeded"
+
+
+class FlakyDatabase:
+    """The real database, unreachable for the first ``failures`` rounds."""
+
+    def __init__(self, db: Database, failures: int) -> None:
+        self.db, self.failures = db, failures
+
+    def execute(self, work: Callable[[Cursor], Any]) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("OperationalError: connection refused (simulated)")
+        return self.db.execute(work)
+
+
+def test_successes_wait_out_an_outage_and_claims_get_the_error(db: Database, dsn: str) -> None:
+    [first, second] = insert(db, 2)
+    flaky = FlakyDatabase(db, failures=0)
+    group = GroupCommit(flaky, lease_seconds=30)  # type: ignore[arg-type]
+    group.start()
+    try:
+        claim = group.claim(first)
+        assert isinstance(claim, attempt_store.Claimed)
+        flaky.failures = 3
+        written: list[bool] = []
+        group.record_success(claim.job, "null", written.append)
+        wait_for(lambda: flaky.failures <= 2, timeout=5, what="the first failed round")
+        with pytest.raises(StoreUnavailable):
+            group.claim(second)  # answered with the error while Postgres is "down"
+        wait_for(lambda: written == [True], timeout=10, what="the success to be written after the outage")
+        assert statuses(dsn, [first]) == {"succeeded": 1}
+    finally:
+        group.stop()
+
+
+def test_stop_writes_pending_successes(db: Database, dsn: str) -> None:
+    ids = insert(db, 20)
+    group = GroupCommit(db, lease_seconds=30)
+    group.start()
+    claims = [group.claim(job_id) for job_id in ids]
+    for claim in claims:
+        assert isinstance(claim, attempt_store.Claimed)
+        group.record_success(claim.job, "null", lambda ok: None)
+    group.stop()
+    assert statuses(dsn, ids) == {"succeeded": 20}
