@@ -23,6 +23,7 @@ from api_service import (
 )
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem
+from api_service.published_rows import PublishedRows
 from api_service.schemas import Cursor
 from shared.broker import Publisher, create_broker
 from shared.logs import configure_logging
@@ -89,9 +90,11 @@ def create_app(settings: Settings | None = None) -> Flask:
             "security": [{"bearerAuth": []}],
         },
     )
+    db = Database(settings, application_name="conveyor-api")
     app.extensions[EXTENSION] = Services(
         settings=settings,
-        db=Database(settings, application_name="conveyor-api"),
+        db=db,
+        published=PublishedRows(db),
         publisher=Publisher(
             create_broker(settings),
             settings.queue_prefix,

@@ -98,7 +98,7 @@ class JobBatch(MethodView):
         principal, limits = current_principal(), current_limits()
         with counting_submission_refusals():
             outcomes, rate = submit_batch(
-                svc.db, svc.publisher, svc.settings, principal.tenant, limits, valid,
+                svc.db, svc.publisher, svc.published, svc.settings, principal.tenant, limits, valid,
                 request_id=current_request_id(),
             )  # fmt: skip
         for outcome in outcomes:

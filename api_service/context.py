@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from flask import current_app
 
+from api_service.published_rows import PublishedRows
 from shared.broker import Publisher
 from shared.settings import Settings
 from shared.store import Database
@@ -16,6 +17,8 @@ class Services:
     settings: Settings
     db: Database
     publisher: Publisher
+    #: Outbox rows of messages this process published, deleted in batches.
+    published: PublishedRows
 
 
 EXTENSION = "conveyor"

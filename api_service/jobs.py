@@ -57,7 +57,7 @@ _ONE_JOB_PROBLEMS = (*AUTHENTICATED, "job-not-found", NOT_FOUND)
 class Jobs(MethodView):
     @requires(Scope.JOBS_WRITE)
     @blp.doc(operationId="submitJob", parameters=[IDEMPOTENCY_KEY_PARAMETER])
-    @blp.arguments(JobCreateSchema, examples=SUBMIT_EXAMPLES)
+    @blp.arguments(JobCreateSchema(), examples=SUBMIT_EXAMPLES)
     @blp.response(
         202,
         JobSchema,
@@ -92,8 +92,8 @@ class Jobs(MethodView):
         principal, limits = current_principal(), current_limits()
         with counting_submission_refusals():
             submission = submit_job(
-                svc.db, svc.publisher, svc.settings, principal.tenant, limits, new_job, idempotent,
-                request_id=current_request_id(),
+                svc.db, svc.publisher, svc.published, svc.settings, principal.tenant, limits, new_job,
+                idempotent, request_id=current_request_id(),
             )  # fmt: skip
         count_submission(new_job.type, submission.replayed)
         headers = {"Location": url_for("jobs.get_job", job_id=submission.job.id)}

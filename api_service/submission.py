@@ -17,6 +17,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from api_service.published_rows import PublishedRows
 from shared.broker import Publisher
 from shared.errors import (
     ConveyorError,
@@ -32,7 +33,6 @@ from shared.settings import Settings
 from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
-from shared.store import outbox as outbox_store
 from shared.store import tenants as tenant_store
 from shared.store.db import Cursor
 from shared.store.tenants import RateDecision, TenantLimits
@@ -61,6 +61,7 @@ class IdempotentRequest:
 def submit_job(
     db: Database,
     publisher: Publisher,
+    published: PublishedRows,
     settings: Settings,
     tenant: str,
     limits: TenantLimits,
@@ -68,52 +69,60 @@ def submit_job(
     idempotent: IdempotentRequest | None = None,
     request_id: str | None = None,
 ) -> Submission:
+    """One self-committing statement does the checks and the insert (``job_store.submit``); the message
+    is published after it. A replay reads its job in a second statement."""
+    record = key_lock = None
     if idempotent is not None:
-        replay = db.read(lambda cur: _stored_response(cur, tenant, idempotent))
-        if replay is not None:
-            return replay
-    rate = _take_tokens(db, tenant, limits, 1)
-    job_id = uuid.uuid4()
-
-    def write(cur: Cursor) -> tuple[Submission, Dispatch | None]:
-        record = None
-        if idempotent is not None:
-            replay = _lock_key(cur, tenant, idempotent)
-            if replay is not None:
-                return replay, None
-            record = job_store.IdempotencyRecord(
-                idempotent.key, idempotent.fingerprint, settings.idempotency_ttl_seconds, ACCEPTED
-            )
-        job, dispatch = job_store.insert_job(
-            cur,
-            job_id,
-            tenant,
-            new,
-            max_active_jobs=limits.max_active_jobs,
-            outbox_grace_seconds=settings.outbox_grace_seconds,
-            idempotency=record,
-            request_id=request_id,
+        record = job_store.IdempotencyRecord(
+            idempotent.key, idempotent.fingerprint, settings.idempotency_ttl_seconds, ACCEPTED
         )
-        return Submission(job, ACCEPTED, replayed=False, rate=rate), dispatch
+        key_lock = key_store.lock_id(tenant, idempotent.key)
 
-    # Without a key the insert is one self-committing statement; with one, the lock needs a transaction.
-    submission, dispatch = db.run(write, transaction=idempotent is not None)
-    if dispatch is not None:
-        publish_after_commit(db, publisher, dispatch)
-    return submission
+    def statement(job_id: uuid.UUID) -> job_store.SubmitResult:
+        return db.execute(
+            lambda cur: job_store.submit(
+                cur, job_id, tenant, new, limits=limits, outbox_grace_seconds=settings.outbox_grace_seconds,
+                idempotency=record, key_lock_id=key_lock, request_id=request_id,
+            )
+        )  # fmt: skip
+
+    for _ in range(2):  # a second time only if a replayed job was pruned meanwhile
+        result = statement(uuid.uuid4())
+        if idempotent is not None and (
+            result.stored is not None or (result.job is None and result.checks_passed)
+        ):
+            # A stored response, or one stored just before this statement took the key's lock.
+            replay = db.read(lambda cur: _stored_response(cur, tenant, idempotent))
+            if replay is None:
+                continue
+            return replay
+        if not result.key_lock_held:
+            raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still in progress.")
+        assert result.rate is not None, "a token was asked for"
+        if not result.rate.allowed:
+            raise _rate_limited(tenant, limits, result.rate, 1)
+        if result.job is None:
+            raise job_store.too_many_active(limits.max_active_jobs)
+        if result.dispatch is not None:
+            publish_after_commit(publisher, published, result.dispatch)
+        return Submission(result.job, ACCEPTED, replayed=False, rate=result.rate)
+    raise StoreUnavailable("the replayed job disappeared twice; try again")  # pragma: no cover
+
+
+def _rate_limited(tenant: str, limits: TenantLimits, rate: RateDecision, jobs: int) -> RateLimited:
+    return RateLimited(
+        f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
+        f"(bursts of {limits.submit_burst})" + (f"; this batch has {jobs} new jobs." if jobs > 1 else "."),
+        retry_after=rate.retry_after,
+        rate=rate,
+    )
 
 
 def _take_tokens(db: Database, tenant: str, limits: TenantLimits, jobs: int) -> RateDecision:
     """One token per new job from the tenant's bucket, or RateLimited (429) for the whole request."""
     rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits, jobs))
     if not rate.allowed:
-        raise RateLimited(
-            f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
-            f"(bursts of {limits.submit_burst})"
-            + (f"; this batch has {jobs} new jobs." if jobs > 1 else "."),
-            retry_after=rate.retry_after,
-            rate=rate,
-        )
+        raise _rate_limited(tenant, limits, rate, jobs)
     return rate
 
 
@@ -140,17 +149,12 @@ def _stored_response(cur: Cursor, tenant: str, idempotent: IdempotentRequest) ->
     return Submission(original, stored.response_status, replayed=True)
 
 
-def publish_after_commit(db: Database, publisher: Publisher, dispatch: Dispatch) -> None:
-    """Publish a committed job's message and drop its outbox row; on any failure leave it to the relay."""
-    if not publisher.try_publish(dispatch):
-        return
-    assert dispatch.outbox_id is not None
-    outbox_id = dispatch.outbox_id
-    try:
-        db.execute(lambda cur: outbox_store.delete_published(cur, [outbox_id]))
-    except StoreUnavailable as exc:
-        # The message is out; the relay will publish a duplicate, which the worker's claim ignores.
-        logger.warning("could not delete outbox row %s after publishing: %s", outbox_id, exc)
+def publish_after_commit(publisher: Publisher, published: PublishedRows, dispatch: Dispatch) -> None:
+    """Publish a committed job's message; its outbox row is deleted later, in a batch. On any failure
+    the row stays for the relay."""
+    if publisher.try_publish(dispatch):
+        assert dispatch.outbox_id is not None
+        published.add([dispatch.outbox_id])
 
 
 # --- batches -----------------------------------------------------------------------------------------
@@ -176,6 +180,7 @@ class ItemResult:
 def submit_batch(
     db: Database,
     publisher: Publisher,
+    published: PublishedRows,
     settings: Settings,
     tenant: str,
     limits: TenantLimits,
@@ -245,10 +250,6 @@ def submit_batch(
         return dispatches
 
     dispatches = db.run(write) if fresh else []
-    published = [d.outbox_id for d in dispatches if d.outbox_id is not None and publisher.try_publish(d)]
-    if published:
-        try:
-            db.execute(lambda cur: outbox_store.delete_published(cur, published))
-        except StoreUnavailable as exc:
-            logger.warning("could not delete %d outbox rows after publishing: %s", len(published), exc)
+    for dispatch in dispatches:
+        publish_after_commit(publisher, published, dispatch)
     return [results[i.index] for i in items], rate

@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg2.errors
-
 from shared.jobs import WORKER_LOST, Job, JobError, JobStatus, sources_of
-from shared.store.db import Cursor, json_param
+from shared.store.db import Cursor, Prepared, json_param
 from shared.store.jobs import JOB_COLUMNS, job_from_row
 
 _CLAIMABLE = [s.value for s in sources_of(JobStatus.RUNNING)]
@@ -65,50 +63,54 @@ class Round:
 
 _CLAIMED_COLUMNS = ", ".join("claimed." + c for c in JOB_COLUMNS.split(", "))
 
-#: The worker's common case in one statement: claim some jobs (``$1``, for ``$2`` seconds) and record the
-#: success of others (``$3`` ids, ``$4`` attempts, ``$5`` results as JSON text). Claimed rows are locked in
-#: id order, so two workers claiming overlapping sets cannot deadlock. It always returns one row at least:
-#: the ids that succeeded, then the claimed job (NULLs if none was).
-_WRITE_ROUND = f"""
-    PREPARE conveyor_write_round(uuid[], double precision, uuid[], int[], text[]) AS
+#: The worker's common case in one statement: claim some jobs and record the success of others (their
+#: ids, attempts and results as JSON text). Claimed rows are locked in id order, so two workers claiming
+#: overlapping sets cannot deadlock. It always returns one row at least: the ids that succeeded, then
+#: the claimed job (NULLs if none was).
+_WRITE_ROUND = Prepared(
+    "conveyor_write_round",
+    f"""
     WITH succeeded AS (
         UPDATE jobs SET status = '{JobStatus.SUCCEEDED.value}', result = mine.result::jsonb, error = NULL,
                         finished_at = now(), updated_at = now(), lease_expires_at = NULL
-        FROM unnest($3, $4, $5) AS mine(id, attempt, result)
-        WHERE jobs.id = ANY($3) AND jobs.id = mine.id AND jobs.status = '{JobStatus.RUNNING.value}'
+        FROM unnest(%(done)s, %(attempts)s, %(results)s) AS mine(id, attempt, result)
+        WHERE jobs.id = ANY(%(done)s) AND jobs.id = mine.id AND jobs.status = '{JobStatus.RUNNING.value}'
               AND jobs.attempts = mine.attempt
         RETURNING jobs.id
     ), claimed AS (
         UPDATE jobs
         SET status = '{JobStatus.RUNNING.value}', attempts = attempts + 1, started_at = now(),
-            updated_at = now(), progress = NULL, lease_expires_at = now() + $2 * interval '1 second'
-        WHERE id = ANY($1) AND status = ANY('{{{",".join(_CLAIMABLE)}}}') AND run_at <= now()
+            updated_at = now(), progress = NULL, lease_expires_at = now() + %(lease)s * interval '1 second'
+        WHERE id = ANY(%(claims)s) AND status = ANY(%(claimable)s) AND run_at <= now()
         RETURNING {JOB_COLUMNS}
     )
     SELECT (SELECT array_agg(id) FROM succeeded), {_CLAIMED_COLUMNS}
     FROM (SELECT 1) AS one LEFT JOIN claimed ON true
-"""  # noqa: S608 - fixed fragments only
+    """,  # noqa: S608 - fixed fragments only
+    {"claims": "uuid[]", "lease": "double precision", "claimable": "text[]", "done": "uuid[]",
+     "attempts": "int[]", "results": "text[]"},
+)  # fmt: skip
 
 
 def write_round(
     cur: Cursor, claims: Sequence[uuid.UUID], lease_seconds: float, successes: Sequence[tuple[Job, str]]
 ) -> Round:
     """Claim ``claims`` (distinct ids) and record ``successes`` (claimed jobs with their result encoded
-    as JSON) in one statement, so in one commit: the worker's group commit
-    (``worker_service/group_commit.py``).
-
-    The statement is prepared once per connection, with a generic plan: planning it would otherwise
-    cost more than running it. Autocommit only (a missing prepared statement would abort a transaction).
-    A second statement runs only to explain refused claims.
+    as JSON) in one prepared statement, so in one commit: the worker's group commit
+    (``worker_service/group_commit.py``). Autocommit only. A second statement runs only to explain
+    refused claims.
     """
-    params = (sorted(claims), lease_seconds, [job.id for job, _ in successes],
-              [job.attempts for job, _ in successes], [result for _, result in successes])  # fmt: skip
-    try:
-        cur.execute("EXECUTE conveyor_write_round(%s::uuid[], %s, %s::uuid[], %s::int[], %s::text[])", params)
-    except psycopg2.errors.InvalidSqlStatementName:  # first use on this connection
-        cur.execute("SET plan_cache_mode = force_generic_plan")
-        cur.execute(_WRITE_ROUND)
-        cur.execute("EXECUTE conveyor_write_round(%s::uuid[], %s, %s::uuid[], %s::int[], %s::text[])", params)
+    _WRITE_ROUND.execute(
+        cur,
+        {
+            "claims": sorted(claims),
+            "lease": lease_seconds,
+            "claimable": _CLAIMABLE,
+            "done": [job.id for job, _ in successes],
+            "attempts": [job.attempts for job, _ in successes],
+            "results": [result for _, result in successes],
+        },
+    )
     rows = cur.fetchall()
     succeeded = set(rows[0][0] or ())
     results: dict[uuid.UUID, ClaimResult] = {}

@@ -177,5 +177,39 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line}"
 
 
+class Prepared:
+    """A statement prepared once per connection (PREPARE, then EXECUTE) and planned once, generically.
+
+    For the hot statements (a submission, a worker's round): parsing and planning a long statement
+    costs Postgres more than running it. ``sql`` uses ``%(name)s`` parameters; ``types`` gives each its
+    SQL type, in the order EXECUTE passes them. The first use on a connection prepares it, so call it
+    in autocommit mode only: there, a missing statement aborts no transaction.
+    """
+
+    def __init__(self, name: str, sql: str, types: dict[str, str]) -> None:
+        self.name = name
+        self._order = list(types)
+        positional = sql
+        for number, param in enumerate(self._order, start=1):
+            positional = positional.replace(f"%({param})s", f"${number}")
+        if "%(" in positional:
+            raise ValueError(f"{name}: a parameter has no type: {positional[positional.index('%(') :][:40]}")
+        signature = ", ".join(types.values())
+        self._prepare = f"PREPARE {name}({signature}) AS {positional.replace('%%', '%')}"
+        placeholders = ", ".join(f"%s::{kind}" for kind in types.values())
+        self._execute = f"EXECUTE {name}({placeholders})"
+
+    def execute(self, cur: Cursor, params: dict[str, Any]) -> None:
+        values = [params[name] for name in self._order]
+        try:
+            cur.execute(self._execute, values)
+        except psycopg2.errors.InvalidSqlStatementName:  # first use on this connection
+            # Generic plans: otherwise Postgres re-plans a prepared statement whenever it guesses that
+            # a custom plan could be cheaper, which for these statements it never is.
+            cur.execute("SET plan_cache_mode = force_generic_plan")
+            cur.execute(self._prepare)
+            cur.execute(self._execute, values)
+
+
 def json_param(value: Any) -> psycopg2.extras.Json:
     return psycopg2.extras.Json(value)

@@ -17,7 +17,7 @@ class StoredKey:
     response_status: int
 
 
-def _lock_id(tenant: str, key: str) -> int:
+def lock_id(tenant: str, key: str) -> int:
     """A signed 64-bit advisory lock id for the tenant's key (collisions only cost a spurious 409)."""
     digest = hashlib.sha256(b"conveyor-idempotency\0" + tenant.encode() + b"\0" + key.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -29,7 +29,7 @@ def try_lock(cur: Cursor, tenant: str, key: str) -> bool:
     The lock lives until COMMIT or ROLLBACK, including when the process dies, so a key can never be
     left "in flight" by a crash.
     """
-    cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (_lock_id(tenant, key),))
+    cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_id(tenant, key),))
     row = cur.fetchone()
     return bool(row and row[0])
 

@@ -29,7 +29,7 @@ from shared.jobs import (
     sources_of,
 )
 from shared.messages import Dispatch
-from shared.store.db import Cursor, json_param
+from shared.store.db import Cursor, Prepared, json_param
 from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
 
 JOB_COLUMNS = (
@@ -178,15 +178,46 @@ def insert_job(
 class SubmitResult:
     """What the one statement of a single submission did (``submit``)."""
 
-    #: False: another request holds the idempotency key right now (nothing was done).
+    #: False: another request holds the idempotency key right now (nothing was written).
     key_lock_held: bool
-    #: The live record of the key, if the statement found one (nothing else was done).
+    #: The live record of the key, if the statement found one (nothing was written).
     stored: tuple[str, uuid.UUID, int] | None
     #: The token bucket's answer; None if no token was asked for.
     rate: RateDecision | None
+    #: Every check passed (lock, no stored response, token, cap): the job is inserted unless its key
+    #: turned out to be stored meanwhile.
+    checks_passed: bool
     #: The new job and what to publish; None if it was not inserted.
     job: Job | None
     dispatch: Dispatch | None
+
+
+_SUBMIT = Prepared(
+    "conveyor_submit",
+    f"""
+    WITH lock AS (
+        SELECT %(key)s IS NULL OR pg_try_advisory_xact_lock(%(lock_id)s) AS held
+    ), stored AS (
+        SELECT fingerprint, job_id, response_status FROM idempotency_keys
+        WHERE %(key)s IS NOT NULL AND tenant = %(tenant)s AND key = %(key)s AND expires_at > now()
+    ), bucket AS (
+        {BUCKET_UPSERT.format(guard="(SELECT held FROM lock) AND NOT EXISTS (SELECT 1 FROM stored)")}
+    ), go AS (
+        SELECT (SELECT allowed FROM bucket) IS TRUE AND {_UNDER_CAP} AS ok
+    ), key_row AS ({_KEY_INSERT.format(source="%(id)s", guard="(SELECT ok FROM go)")}
+    ),{_INSERTS.format(guard="(SELECT ok FROM go) AND (%(key)s IS NULL OR EXISTS (SELECT 1 FROM key_row))")}
+    SELECT lock.held, stored.fingerprint, stored.job_id, stored.response_status, bucket.tokens,
+           bucket.allowed, go.ok, outbox_row.id, job.run_at <= now(), job.*
+    FROM lock CROSS JOIN go LEFT JOIN stored ON true LEFT JOIN bucket ON true LEFT JOIN job ON true
+         LEFT JOIN outbox_row ON true
+    """,  # noqa: S608 - fixed fragments only
+    {"id": "uuid", "tenant": "text", "request_id": "text", "max_active": "int", "type": "text",
+     "queue": "text", "status": "text", "payload": "jsonb", "priority": "int", "max_attempts": "int",
+     "timeout": "int", "run_at": "timestamptz", "delay": "double precision", "labels": "jsonb",
+     "grace": "double precision", "key": "text", "fingerprint": "text", "response_status": "int",
+     "key_ttl": "double precision", "burst": "double precision", "rate": "double precision",
+     "cost": "double precision", "need": "double precision", "lock_id": "bigint"},
+)  # fmt: skip
 
 
 def submit(
@@ -201,34 +232,18 @@ def submit(
     key_lock_id: int | None,
     request_id: str | None,
 ) -> SubmitResult:
-    """A single submission in one self-committing statement: take the key's lock, look for its stored
-    response, take a token, check the active-job cap, and insert the job, its outbox row and its key.
+    """A single submission in one self-committing statement: look for the key's stored response, take
+    the key's lock, take a token, check the active-job cap, and insert the job, its outbox row and its
+    key.
 
-    Each step runs only if the ones before let it: a stored response costs no token; a refused token
-    inserts nothing. The key row is inserted before the job and the job only with it, so a request
-    that took the lock just after another one stored the key (its snapshot predates that COMMIT)
-    inserts nothing and finds ``job`` None with the bucket allowed: the caller reads the key again.
+    Each step runs only if the ones before let it: a stored response (found with or without the lock)
+    costs no token; a refused token inserts nothing. The job is inserted only with its key row, so a
+    request that took the lock just after another one stored the key (its snapshot predates that
+    COMMIT) inserts nothing and finds ``job`` None with ``checks_passed``: the caller reads the key
+    again.
     """
-    no_key_or_new = "EXISTS (SELECT 1 FROM key_row)" if idempotency else "true"
-    cur.execute(
-        f"""
-        WITH lock AS (
-            SELECT %(key)s::text IS NULL OR pg_try_advisory_xact_lock(%(lock_id)s) AS held
-        ), stored AS (
-            SELECT fingerprint, job_id, response_status FROM idempotency_keys
-            WHERE %(key)s::text IS NOT NULL AND (SELECT held FROM lock)
-                  AND tenant = %(tenant)s AND key = %(key)s AND expires_at > now()
-        ), bucket AS (
-            {BUCKET_UPSERT.format(guard="(SELECT held FROM lock) AND NOT EXISTS (SELECT 1 FROM stored)")}
-        ), go AS (
-            SELECT (SELECT allowed FROM bucket) IS TRUE AND {_UNDER_CAP} AS ok
-        ), key_row AS ({_KEY_INSERT.format(source="%(id)s", guard="(SELECT ok FROM go)")}
-        ),{_INSERTS.format(guard="(SELECT ok FROM go) AND " + no_key_or_new)}
-        SELECT lock.held, stored.fingerprint, stored.job_id, stored.response_status, bucket.tokens,
-               bucket.allowed, outbox_row.id, job.run_at <= now(), job.*
-        FROM lock LEFT JOIN stored ON true LEFT JOIN bucket ON true LEFT JOIN job ON true
-             LEFT JOIN outbox_row ON true
-        """,  # noqa: S608 - fixed fragments only
+    _SUBMIT.execute(
+        cur,
         {
             **_insert_params(
                 job_id, tenant, new, limits.max_active_jobs, outbox_grace_seconds, idempotency, request_id
@@ -239,12 +254,13 @@ def submit(
     )
     row = cur.fetchone()
     assert row is not None, "the statement always returns one row"
-    held, fingerprint, stored_job, status, tokens, allowed, outbox_id, due_now = row[:8]
-    job = job_from_row(row[8:]) if row[8] is not None else None
+    held, fingerprint, stored_job, status, tokens, allowed, checks_passed, outbox_id, due_now = row[:9]
+    job = job_from_row(row[9:]) if row[9] is not None else None
     return SubmitResult(
         key_lock_held=bool(held),
         stored=(fingerprint, stored_job, status) if fingerprint is not None else None,
         rate=rate_decision(float(tokens), bool(allowed), limits, 1) if tokens is not None else None,
+        checks_passed=bool(checks_passed),
         job=job,
         dispatch=_dispatch_of(job, outbox_id, due_now, request_id) if job else None,
     )

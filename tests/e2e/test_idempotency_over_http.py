@@ -13,7 +13,7 @@ import requests
 from conftest import TEST_TENANT
 from support import ApiClient, count_rows, new_key, pg
 
-from shared.store.idempotency import _lock_id
+from shared.store.idempotency import lock_id
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +70,7 @@ def test_key_in_flight_is_409_with_retry_after(api: ApiClient, dsn: str) -> None
     holder = psycopg2.connect(dsn)  # plays the first request, still inside its transaction
     try:
         with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_id(TEST_TENANT, key),))
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id(TEST_TENANT, key),))
             response = api.submit({"type": "noop"}, key=key)
         assert response.status_code == 409
         assert response.json()["type"] == "/problems/idempotency-key-in-flight"
