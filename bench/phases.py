@@ -144,9 +144,8 @@ class Subjects:
     def unfinished(self) -> int:
         """Jobs still waiting or running: read from the small partial index of active jobs, so polling
         it costs Postgres next to nothing even with a million finished jobs in the table."""
-        return int(
-            scalar(self.run.dsn, "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying', 'running')")
-        )
+        active = "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying', 'running')"
+        return int(scalar(self.run.dsn, active))
 
     # --- raw dramatiq and Celery ---------------------------------------------------------------
 

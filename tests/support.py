@@ -142,6 +142,20 @@ def pg(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
         conn.close()
 
 
+def written_rows(dsn: str) -> dict[str, int]:
+    """What a refused request must leave as it was: the number of jobs and of idempotency keys, and the
+    last outbox id handed out (not the number of outbox rows: the API deletes published rows in the
+    background, so that count moves by itself)."""
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM idempotency_keys),"
+            " COALESCE(pg_sequence_last_value(pg_get_serial_sequence('outbox', 'id')), 0)"
+        )
+        row = cur.fetchone()
+        assert row is not None
+        return dict(zip(("jobs", "idempotency_keys", "last_outbox_id"), map(int, row), strict=True))
+
+
 def count_rows(dsn: str, table: str) -> int:
     with pg(dsn) as cur:
         cur.execute(f"SELECT count(*) FROM {table}")

@@ -15,14 +15,13 @@ import pytest
 from conftest import Keys
 from flask import Flask
 from flask.testing import FlaskClient
-from support import count_rows
+from support import written_rows
 
 from api_service.app import create_app
 from api_service.context import EXTENSION, Services
 from shared.settings import Settings
 
 PROBLEM = "application/problem+json"
-TABLES = ("jobs", "outbox", "idempotency_keys")
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +46,9 @@ def client(app: Flask, keys: Keys) -> FlaskClient:
 @pytest.fixture
 def unchanged_database(dsn: str) -> Iterator[None]:
     """Assert the test leaves jobs, outbox and idempotency keys exactly as it found them."""
-    before = {t: count_rows(dsn, t) for t in TABLES}
+    before = written_rows(dsn)
     yield
-    assert {t: count_rows(dsn, t) for t in TABLES} == before
+    assert written_rows(dsn) == before
 
 
 def problem(response: Any, status: int, slug: str) -> dict[str, Any]:
