@@ -25,7 +25,6 @@ from shared.errors import (
     IdempotencyKeyReused,
     RateLimited,
     StoreUnavailable,
-    TooManyActiveJobs,
 )
 from shared.jobs import Job, NewJob
 from shared.messages import Dispatch
@@ -126,17 +125,6 @@ def _take_tokens(db: Database, tenant: str, limits: TenantLimits, jobs: int) -> 
     return rate
 
 
-def _lock_key(cur: Cursor, tenant: str, idempotent: IdempotentRequest) -> Submission | None:
-    """Take the key's lock for this transaction and return its stored response, if any.
-
-    Raises IdempotencyKeyInFlight when another request holds the key, IdempotencyKeyReused when it
-    was stored for a different request.
-    """
-    if not key_store.try_lock(cur, tenant, idempotent.key):
-        raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still in progress.")
-    return _stored_response(cur, tenant, idempotent)
-
-
 def _stored_response(cur: Cursor, tenant: str, idempotent: IdempotentRequest) -> Submission | None:
     stored = key_store.find_live(cur, tenant, idempotent.key)
     if stored is None:
@@ -192,42 +180,53 @@ def submit_batch(
     Like single submissions: items whose key is already stored are replayed first and cost no token;
     the rest take one token each, all or none (a 429 for the whole batch); then one transaction
     inserts them, an item whose key another request holds getting a 409, and items beyond the
-    tenant's cap a 429 each. Messages are published after COMMIT.
+    tenant's cap a 429 each. A key repeated in the batch replays the job of its first item. Messages
+    are published after COMMIT. Each step is one statement for the whole batch.
     """
     results = {item.index: ItemResult(item.index) for item in items}
 
-    def stored(cur: Cursor) -> dict[int, Submission]:
-        found = {}
-        for item in items:
-            if item.idempotent is not None:
-                try:
-                    replay = _stored_response(cur, tenant, item.idempotent)
-                except IdempotencyKeyReused as exc:
-                    results[item.index].refusal = exc
-                    continue
-                if replay is not None:
-                    found[item.index] = replay
-        return found
+    def replay_stored(cur: Cursor, candidates: list[BatchItem]) -> None:
+        """Replay (or refuse as reused) the candidates whose key is stored."""
+        keys = [i.idempotent.key for i in candidates if i.idempotent is not None]
+        live = key_store.find_live_many(cur, tenant, keys)
+        jobs = job_store.get_jobs(cur, [stored.job_id for stored in live.values()], tenant)
+        for item in candidates:
+            stored = live.get(item.idempotent.key) if item.idempotent is not None else None
+            if stored is None or item.idempotent is None:
+                continue
+            if stored.fingerprint != item.idempotent.fingerprint:
+                results[item.index].refusal = IdempotencyKeyReused(
+                    "This Idempotency-Key was already used for a different request."
+                )
+            elif stored.job_id in jobs:  # else: a pruned job, whose key went with it
+                results[item.index].submission = Submission(jobs[stored.job_id], stored.response_status, True)
 
-    for index, replay in db.read(stored).items():
-        results[index].submission = replay
-    fresh = [i for i in items if results[i.index].submission is None and results[i.index].refusal is None]
+    def open_items() -> list[BatchItem]:
+        return [i for i in items if results[i.index].submission is None and results[i.index].refusal is None]
+
+    db.read(lambda cur: replay_stored(cur, items))
+    fresh = open_items()
     rate = _take_tokens(db, tenant, limits, len(fresh)) if fresh else None
 
     def write(cur: Cursor) -> list[Dispatch]:
-        dispatches = []
+        for item in fresh:  # from scratch if the pool retries this on a fresh connection
+            results[item.index] = ItemResult(item.index)
+        locked = key_store.try_lock_many(cur, tenant, [i.idempotent.key for i in fresh if i.idempotent])
         for item in fresh:
-            result = results[item.index]
+            if item.idempotent is not None and item.idempotent.key not in locked:
+                results[item.index].refusal = IdempotencyKeyInFlight(
+                    "A request with this Idempotency-Key is still in progress."
+                )
+        replay_stored(cur, open_items())  # stored meanwhile, before this transaction took the locks
+        rows: list[tuple[BatchItem, job_store.NewRow]] = []
+        repeats: list[tuple[BatchItem, BatchItem]] = []
+        first_with_key: dict[str, BatchItem] = {}
+        for item in open_items():
             record = None
             if item.idempotent is not None:
-                try:
-                    # Re-entrant within this transaction: a key repeated in the batch replays its first job.
-                    replay = _lock_key(cur, tenant, item.idempotent)
-                except (IdempotencyKeyInFlight, IdempotencyKeyReused) as exc:
-                    result.refusal = exc
-                    continue
-                if replay is not None:
-                    result.submission = replay
+                first = first_with_key.setdefault(item.idempotent.key, item)
+                if first is not item:
+                    repeats.append((item, first))
                     continue
                 record = job_store.IdempotencyRecord(
                     item.idempotent.key,
@@ -235,18 +234,33 @@ def submit_batch(
                     settings.idempotency_ttl_seconds,
                     ACCEPTED,
                 )
-            try:
-                job, dispatch = job_store.insert_job(
-                    cur, uuid.uuid4(), tenant, item.new, max_active_jobs=limits.max_active_jobs,
-                    outbox_grace_seconds=settings.outbox_grace_seconds, idempotency=record,
-                    request_id=request_id,
-                )  # fmt: skip
-            except TooManyActiveJobs as exc:
-                result.refusal = exc
+            rows.append((item, job_store.NewRow(uuid.uuid4(), item.new, record)))
+        inserted = job_store.insert_jobs(
+            cur, tenant, [row for _, row in rows], max_active_jobs=limits.max_active_jobs,
+            outbox_grace_seconds=settings.outbox_grace_seconds, response_status=ACCEPTED,
+            request_id=request_id,
+        )  # fmt: skip
+        dispatches = []
+        for (item, _), outcome in zip(rows, inserted, strict=True):
+            if outcome is None:
+                results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
                 continue
-            result.submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
+            job, dispatch = outcome
+            results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
             if dispatch is not None:
                 dispatches.append(dispatch)
+        for item, first in repeats:
+            assert item.idempotent is not None
+            assert first.idempotent is not None
+            original = results[first.index]
+            if item.idempotent.fingerprint != first.idempotent.fingerprint:
+                results[item.index].refusal = IdempotencyKeyReused(
+                    "This Idempotency-Key was already used for a different request."
+                )
+            elif original.submission is not None:
+                results[item.index].submission = Submission(original.submission.job, ACCEPTED, True)
+            else:
+                results[item.index].refusal = original.refusal
         return dispatches
 
     dispatches = db.run(write) if fresh else []

@@ -44,13 +44,13 @@ ClaimResult = Claimed | NotClaimable | Missing
 def claim_job(cur: Cursor, job_id: uuid.UUID, lease_seconds: float) -> ClaimResult:
     """Compare-and-set a due job from queued/retrying to running, counting the attempt.
 
-    One statement in the common case; a second one only to explain a refusal. Autocommit only.
+    One statement in the common case; a second one only to explain a refusal.
     """
     return write_round(cur, [job_id], lease_seconds, []).claims[job_id]
 
 
 def record_success(cur: Cursor, job: Job, result: Any) -> bool:
-    """Running → succeeded for this attempt; False if it was taken over meanwhile. Autocommit only."""
+    """Running → succeeded for this attempt; False if it was taken over meanwhile."""
     return job.id in write_round(cur, [], 0, [(job, json.dumps(result))]).succeeded
 
 
@@ -97,8 +97,7 @@ def write_round(
 ) -> Round:
     """Claim ``claims`` (distinct ids) and record ``successes`` (claimed jobs with their result encoded
     as JSON) in one prepared statement, so in one commit: the worker's group commit
-    (``worker_service/group_commit.py``). Autocommit only. A second statement runs only to explain
-    refused claims.
+    (``worker_service/group_commit.py``). A second statement runs only to explain refused claims.
     """
     _WRITE_ROUND.execute(
         cur,

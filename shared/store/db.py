@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -180,10 +181,10 @@ def _describe(exc: BaseException) -> str:
 class Prepared:
     """A statement prepared once per connection (PREPARE, then EXECUTE) and planned once, generically.
 
-    For the hot statements (a submission, a worker's round): parsing and planning a long statement
-    costs Postgres more than running it. ``sql`` uses ``%(name)s`` parameters; ``types`` gives each its
-    SQL type, in the order EXECUTE passes them. The first use on a connection prepares it, so call it
-    in autocommit mode only: there, a missing statement aborts no transaction.
+    For the hot statements (a submission, a batch, a worker's round): parsing and planning a long
+    statement costs Postgres more than running it. ``sql`` uses ``%(name)s`` parameters; ``types``
+    gives each its SQL type, in the order EXECUTE passes them. The first use on a connection prepares
+    it (a prepared statement belongs to the session and outlives a ROLLBACK).
     """
 
     def __init__(self, name: str, sql: str, types: dict[str, str]) -> None:
@@ -198,17 +199,16 @@ class Prepared:
         self._prepare = f"PREPARE {name}({signature}) AS {positional.replace('%%', '%')}"
         placeholders = ", ".join(f"%s::{kind}" for kind in types.values())
         self._execute = f"EXECUTE {name}({placeholders})"
+        self._prepared_on: weakref.WeakSet[psycopg2.extensions.connection] = weakref.WeakSet()
 
     def execute(self, cur: Cursor, params: dict[str, Any]) -> None:
-        values = [params[name] for name in self._order]
-        try:
-            cur.execute(self._execute, values)
-        except psycopg2.errors.InvalidSqlStatementName:  # first use on this connection
+        if cur.connection not in self._prepared_on:
             # Generic plans: otherwise Postgres re-plans a prepared statement whenever it guesses that
             # a custom plan could be cheaper, which for these statements it never is.
             cur.execute("SET plan_cache_mode = force_generic_plan")
             cur.execute(self._prepare)
-            cur.execute(self._execute, values)
+            self._prepared_on.add(cur.connection)
+        cur.execute(self._execute, [params[name] for name in self._order])
 
 
 def json_param(value: Any) -> psycopg2.extras.Json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.store.db import Cursor
@@ -23,15 +24,36 @@ def lock_id(tenant: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def try_lock(cur: Cursor, tenant: str, key: str) -> bool:
-    """Take the key's transaction-scoped lock, or return False at once if another request holds it.
+def try_lock_many(cur: Cursor, tenant: str, keys: Sequence[str]) -> set[str]:
+    """Take each key's transaction-scoped lock, in one statement; returns the keys now held by this
+    transaction, leaving out those another request holds (a key repeated in ``keys`` is held once
+    taken: the locks are re-entrant).
 
-    The lock lives until COMMIT or ROLLBACK, including when the process dies, so a key can never be
+    A lock lives until COMMIT or ROLLBACK, including when the process dies, so a key can never be
     left "in flight" by a crash.
     """
-    cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_id(tenant, key),))
-    row = cur.fetchone()
-    return bool(row and row[0])
+    if not keys:
+        return set()
+    cur.execute(
+        "SELECT key FROM unnest(%s::text[], %s::bigint[]) AS k(key, lock_id)"
+        " WHERE pg_try_advisory_xact_lock(lock_id)",
+        (list(keys), [lock_id(tenant, key) for key in keys]),
+    )
+    return {row[0] for row in cur.fetchall()}
+
+
+def find_live_many(cur: Cursor, tenant: str, keys: Sequence[str]) -> dict[str, StoredKey]:
+    """``find_live`` for several keys in one statement."""
+    if not keys:
+        return {}
+    cur.execute(
+        "SELECT key, fingerprint, job_id, response_status FROM idempotency_keys "
+        "WHERE tenant = %s AND key = ANY(%s::text[]) AND expires_at > now()",
+        (tenant, list(keys)),
+    )
+    return {
+        key: StoredKey(fingerprint, job_id, status) for key, fingerprint, job_id, status in cur.fetchall()
+    }
 
 
 def find_live(cur: Cursor, tenant: str, key: str) -> StoredKey | None:

@@ -143,6 +143,111 @@ def too_many_active(max_active_jobs: int) -> TooManyActiveJobs:
     )
 
 
+@dataclass(frozen=True)
+class NewRow:
+    """One job of a batch insert (``insert_jobs``)."""
+
+    job_id: uuid.UUID
+    new: NewJob
+    idempotency: IdempotencyRecord | None
+
+
+#: A batch's jobs, outbox rows and keys in one statement, the first ``room`` of them (the tenant's cap).
+_INSERT_MANY = Prepared(
+    "conveyor_insert_jobs",
+    f"""
+    WITH item AS (
+        SELECT * FROM unnest(%(ids)s, %(types)s, %(queues)s, %(payloads)s, %(priorities)s,
+                             %(max_attempts)s, %(timeouts)s, %(run_ats)s, %(delays)s, %(labels)s,
+                             %(keys)s, %(fingerprints)s, %(key_ttls)s)
+            WITH ORDINALITY AS i(id, type, queue, payload, priority, max_attempts, timeout, run_at,
+                                 delay, labels, key, fingerprint, key_ttl, n)
+    ), job AS (
+        INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
+                          timeout_seconds, run_at, labels, request_id)
+        SELECT id, %(tenant)s, type, queue, %(status)s, payload, priority, max_attempts, timeout,
+               COALESCE(run_at, now() + delay * interval '1 second'), labels, %(request_id)s
+        FROM item
+        WHERE n <= %(max_active)s
+                   - (SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s)
+        ORDER BY n
+        RETURNING {JOB_COLUMNS}
+    ), outbox_row AS (
+        INSERT INTO outbox (job_id, available_at, locked_until)
+        SELECT id, run_at, CASE WHEN run_at <= now() THEN now() + %(grace)s * interval '1 second' END
+        FROM job
+        RETURNING id, job_id
+    ), key_row AS (
+        INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
+        SELECT %(tenant)s, item.key, item.fingerprint, item.id, %(response_status)s,
+               now() + item.key_ttl * interval '1 second'
+        FROM item JOIN job ON job.id = item.id
+        WHERE item.key IS NOT NULL
+        ON CONFLICT (tenant, key) DO UPDATE
+            SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
+                response_status = EXCLUDED.response_status, created_at = now(),
+                expires_at = EXCLUDED.expires_at
+            WHERE idempotency_keys.expires_at <= now()
+    )
+    SELECT job.*, outbox_row.id, job.run_at <= now() FROM job JOIN outbox_row ON outbox_row.job_id = job.id
+    """,  # noqa: S608 - fixed fragments only
+    {"ids": "uuid[]", "types": "text[]", "queues": "text[]", "payloads": "jsonb[]", "priorities": "int[]",
+     "max_attempts": "int[]", "timeouts": "int[]", "run_ats": "timestamptz[]", "delays": "double precision[]",
+     "labels": "jsonb[]", "keys": "text[]", "fingerprints": "text[]", "key_ttls": "double precision[]",
+     "tenant": "text", "status": "text", "request_id": "text", "max_active": "bigint",
+     "grace": "double precision", "response_status": "int"},
+)  # fmt: skip
+
+
+def insert_jobs(
+    cur: Cursor,
+    tenant: str,
+    rows: Sequence[NewRow],
+    *,
+    max_active_jobs: int,
+    outbox_grace_seconds: float,
+    response_status: int,
+    request_id: str | None = None,
+) -> list[tuple[Job, Dispatch | None] | None]:
+    """Insert a batch's jobs with their outbox rows and keys in one statement, inside the caller's
+    transaction (the caller holds the keys' locks and found none of them stored).
+
+    Returns, in order, each job and its dispatch (if due now), or None for the jobs beyond the
+    tenant's cap of active jobs, which are not inserted.
+    """
+    if not rows:
+        return []
+    _INSERT_MANY.execute(
+        cur,
+        {
+            "ids": [r.job_id for r in rows],
+            "types": [r.new.type for r in rows],
+            "queues": [r.new.queue for r in rows],
+            "payloads": [json_param(r.new.payload) for r in rows],
+            "priorities": [r.new.priority for r in rows],
+            "max_attempts": [r.new.max_attempts for r in rows],
+            "timeouts": [r.new.timeout_seconds for r in rows],
+            "run_ats": [r.new.run_at for r in rows],
+            "delays": [r.new.delay_seconds for r in rows],
+            "labels": [json_param(r.new.labels) for r in rows],
+            "keys": [r.idempotency.key if r.idempotency else None for r in rows],
+            "fingerprints": [r.idempotency.fingerprint if r.idempotency else None for r in rows],
+            "key_ttls": [r.idempotency.ttl_seconds if r.idempotency else None for r in rows],
+            "tenant": tenant,
+            "status": INITIAL_STATUS.value,
+            "request_id": request_id,
+            "max_active": max_active_jobs,
+            "grace": outbox_grace_seconds,
+            "response_status": response_status,
+        },
+    )
+    inserted = {}
+    for row in cur.fetchall():
+        job = job_from_row(row)
+        inserted[job.id] = (job, _dispatch_of(job, row[_WIDTH], row[_WIDTH + 1], request_id))
+    return [inserted.get(r.job_id) for r in rows]
+
+
 def insert_job(
     cur: Cursor,
     job_id: uuid.UUID,
@@ -154,24 +259,15 @@ def insert_job(
     idempotency: IdempotencyRecord | None = None,
     request_id: str | None = None,
 ) -> tuple[Job, Dispatch | None]:
-    """Insert a job, its outbox row and (optionally) its idempotency key in one statement, inside the
-    caller's transaction (a batch: the caller holds the key's lock and checked for a stored response).
-
-    Returns the job and, if it is due now, the dispatch the caller should publish after COMMIT; a job
-    scheduled for later is left to the relay. Raises TooManyActiveJobs, and inserts nothing, if the
-    tenant already has ``max_active_jobs`` jobs waiting or running.
-    """
-    key_row = _KEY_INSERT.format(source="(SELECT id FROM job)", guard="EXISTS (SELECT 1 FROM job)")
-    cur.execute(
-        f"""WITH{_INSERTS.format(guard=_UNDER_CAP)}, key_row AS ({key_row})
-        SELECT job.*, outbox_row.id, job.run_at <= now() FROM job, outbox_row""",  # noqa: S608 - fixed fragments
-        _insert_params(job_id, tenant, new, max_active_jobs, outbox_grace_seconds, idempotency, request_id),
-    )
-    row = cur.fetchone()
-    if row is None:
+    """``insert_jobs`` for one job; raises TooManyActiveJobs, and inserts nothing, at the tenant's cap."""
+    [inserted] = insert_jobs(
+        cur, tenant, [NewRow(job_id, new, idempotency)], max_active_jobs=max_active_jobs,
+        outbox_grace_seconds=outbox_grace_seconds,
+        response_status=idempotency.response_status if idempotency else 0, request_id=request_id,
+    )  # fmt: skip
+    if inserted is None:
         raise too_many_active(max_active_jobs)
-    job = job_from_row(row)
-    return job, _dispatch_of(job, row[_WIDTH], row[_WIDTH + 1], request_id)
+    return inserted
 
 
 @dataclass(frozen=True)
@@ -264,6 +360,17 @@ def submit(
         job=job,
         dispatch=_dispatch_of(job, outbox_id, due_now, request_id) if job else None,
     )
+
+
+def get_jobs(cur: Cursor, job_ids: Sequence[uuid.UUID], tenant: str) -> dict[uuid.UUID, Job]:
+    """The tenant's jobs among ``job_ids``, by id (missing ones are left out)."""
+    if not job_ids:
+        return {}
+    cur.execute(
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY(%s::uuid[]) AND tenant = %s",  # noqa: S608
+        (list(job_ids), tenant),
+    )
+    return {job.id: job for job in map(job_from_row, cur.fetchall())}
 
 
 def get_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
