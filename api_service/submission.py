@@ -103,7 +103,7 @@ def submit_job(
         if result.job is None:
             raise job_store.too_many_active(limits.max_active_jobs)
         if result.dispatch is not None:
-            publish_after_commit(publisher, published, result.dispatch)
+            publish_after_commit(publisher, published, [result.dispatch])
         return Submission(result.job, ACCEPTED, replayed=False, rate=result.rate)
     raise StoreUnavailable("the replayed job disappeared twice; try again")  # pragma: no cover
 
@@ -137,12 +137,11 @@ def _stored_response(cur: Cursor, tenant: str, idempotent: IdempotentRequest) ->
     return Submission(original, stored.response_status, replayed=True)
 
 
-def publish_after_commit(publisher: Publisher, published: PublishedRows, dispatch: Dispatch) -> None:
-    """Publish a committed job's message; its outbox row is deleted later, in a batch. On any failure
-    the row stays for the relay."""
-    if publisher.try_publish(dispatch):
-        assert dispatch.outbox_id is not None
-        published.add([dispatch.outbox_id])
+def publish_after_commit(publisher: Publisher, published: PublishedRows, dispatches: list[Dispatch]) -> None:
+    """Publish committed jobs' messages, all at once; the outbox rows of those RabbitMQ confirmed are
+    deleted later, in a batch. The others stay for the relay."""
+    confirmed = publisher.try_publish_all(dispatches)
+    published.add([d.outbox_id for d in confirmed if d.outbox_id is not None])
 
 
 # --- batches -----------------------------------------------------------------------------------------
@@ -264,6 +263,5 @@ def submit_batch(
         return dispatches
 
     dispatches = db.run(write) if fresh else []
-    for dispatch in dispatches:
-        publish_after_commit(publisher, published, dispatch)
+    publish_after_commit(publisher, published, dispatches)
     return [results[i.index] for i in items], rate

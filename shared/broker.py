@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DramatiqError
 
+from shared.confirms import ConfirmingPublisher, OutgoingMessage
 from shared.errors import BrokerUnavailable
 from shared.job_types import PRIORITY_RANGE
 from shared.messages import Dispatch, build_message
@@ -140,7 +141,7 @@ def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] 
 
 
 class Publisher:
-    """Publishes job messages with publisher confirms.
+    """Publishes job messages with publisher confirms, many at a time (``shared/confirms.py``).
 
     After a failure it stops trying for ``backoff_seconds`` (``try_publish`` returns False at once), so
     a dead broker costs one slow request, not every request: the outbox relay delivers what was
@@ -158,49 +159,55 @@ class Publisher:
         self._broker = broker
         self._prefix = queue_prefix
         self._backoff = backoff_seconds
+        parameters = broker.parameters  # dramatiq keeps a list when the URL names several brokers
+        self._confirming = ConfirmingPublisher(parameters[0] if isinstance(parameters, list) else parameters)
         self._lock = threading.Lock()
         self._closed_until = 0.0
 
+    def publish_all(self, dispatches: Sequence[Dispatch]) -> list[Dispatch]:
+        """Publish all at once; returns those RabbitMQ confirmed (the others stay for the relay)."""
+        messages = [build_message(dispatch, self._prefix) for dispatch in dispatches]
+        try:
+            for queue in {message.queue_name for message in messages}:
+                # dramatiq declares the queue (and its .DQ and .XQ) once per process, with our arguments.
+                self._broker.declare_queue(queue, ensure=True)
+        except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
+            logger.warning("cannot declare queues, nothing published: %s", exc)
+            return []
+        outgoing = [
+            OutgoingMessage(message.queue_name, message.encode(), message.message_id, dispatch.priority)
+            for message, dispatch in zip(messages, dispatches, strict=True)
+        ]
+        confirmed = self._confirming.publish(outgoing)
+        return [dispatch for dispatch, ok in zip(dispatches, confirmed, strict=True) if ok]
+
     def publish(self, dispatch: Dispatch) -> None:
         """Publish one message; returns once RabbitMQ confirmed it. Raises BrokerUnavailable."""
-        try:
-            self._broker.enqueue(build_message(dispatch, self._prefix))
-        except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
-            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        if not self.publish_all([dispatch]):
+            raise BrokerUnavailable(f"RabbitMQ did not confirm the message of job {dispatch.job_id}")
 
-    def publish_all(self, dispatches: Iterable[Dispatch]) -> list[Dispatch]:
-        """Publish in order until one fails; returns those RabbitMQ confirmed."""
-        published: list[Dispatch] = []
-        for dispatch in dispatches:
-            try:
-                self.publish(dispatch)
-            except BrokerUnavailable as exc:
-                logger.warning("publish failed, will retry later: %s", exc)
-                break
-            published.append(dispatch)
-        return published
-
-    def try_publish(self, dispatch: Dispatch) -> bool:
-        """Publish unless the broker failed recently; never raises for broker trouble."""
-        if time.monotonic() < self._closed_until:
-            return False
-        try:
-            self.publish(dispatch)
-        except BrokerUnavailable as exc:
+    def try_publish_all(self, dispatches: Sequence[Dispatch]) -> list[Dispatch]:
+        """``publish_all`` unless the broker failed recently; the dispatches RabbitMQ confirmed."""
+        if not dispatches or time.monotonic() < self._closed_until:
+            return []
+        published = self.publish_all(dispatches)
+        if len(published) < len(dispatches):
             if self._on_failure is not None:
                 self._on_failure()
             with self._lock:
                 self._closed_until = time.monotonic() + self._backoff
             logger.warning(
-                "publish of job %s failed (%s); the relay will deliver it, inline publishing paused %.0fs",
-                dispatch.job_id,
-                exc,
-                self._backoff,
-            )
-            return False
-        return True
+                "%d of %d messages not confirmed; the relay will deliver them, inline publishing paused "
+                "%.0fs", len(dispatches) - len(published), len(dispatches), self._backoff,
+            )  # fmt: skip
+        return published
+
+    def try_publish(self, dispatch: Dispatch) -> bool:
+        """Publish unless the broker failed recently; never raises for broker trouble."""
+        return bool(self.try_publish_all([dispatch]))
 
     def close(self) -> None:
+        self._confirming.close()
         self._broker.close()
 
 

@@ -121,7 +121,8 @@ class Relay:
         self._db.execute(lambda cur: outbox_store.delete_published(cur, published_ids))
         report.published = len(published)
         relay_metrics.OUTBOX_PUBLISHED.inc(len(published))
-        unpublished = [d.outbox_id for d in due[len(published) :] if d.outbox_id is not None]
+        confirmed = set(published_ids)
+        unpublished = [d.outbox_id for d in due if d.outbox_id is not None and d.outbox_id not in confirmed]
         if unpublished:
             relay_metrics.OUTBOX_PUBLISH_FAILURES.inc()
             report.failed_publishes = len(unpublished)
