@@ -1,0 +1,72 @@
+"""Publishing with confirms awaited together, against the real RabbitMQ."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pika
+import pytest
+from support import RUN_ID, amqp_channel, queue_counts, wait_for
+
+from shared.broker import url_with_defaults
+from shared.confirms import ConfirmingPublisher, OutgoingMessage
+from shared.settings import Settings
+
+
+@pytest.fixture
+def queue(broker_url: str) -> Iterator[str]:
+    name = f"conveyor_test_{RUN_ID}.confirms-{uuid.uuid4().hex[:8]}"
+    with amqp_channel(broker_url) as channel:
+        channel.queue_declare(queue=name, durable=True)
+    yield name
+    with amqp_channel(broker_url) as channel:
+        channel.queue_delete(queue=name)
+
+
+@pytest.fixture
+def publisher(settings: Settings) -> Iterator[ConfirmingPublisher]:
+    publisher = ConfirmingPublisher(pika.URLParameters(url_with_defaults(settings.broker_url)))
+    yield publisher
+    publisher.close()
+
+
+def messages(queue: str, count: int) -> list[OutgoingMessage]:
+    return [OutgoingMessage(queue, b"{}", str(uuid.uuid4()), priority=None) for _ in range(count)]
+
+
+def test_a_batch_is_confirmed_and_lands_in_its_queue(
+    publisher: ConfirmingPublisher, queue: str, broker_url: str
+) -> None:
+    assert publisher.publish(messages(queue, 500)) == [True] * 500
+    wait_for(lambda: queue_counts(broker_url, queue)[0] == 500, timeout=10, what="500 messages in the queue")
+
+
+def test_an_unroutable_message_is_not_confirmed_and_the_rest_are(
+    publisher: ConfirmingPublisher, queue: str
+) -> None:
+    batch = messages(queue, 2) + messages(f"conveyor_test_{RUN_ID}.no-such-queue", 1) + messages(queue, 2)
+    assert publisher.publish(batch) == [True, True, False, True, True]
+
+
+def test_a_dead_broker_fails_fast_and_publishes_nothing() -> None:
+    dead = ConfirmingPublisher(pika.URLParameters(url_with_defaults("amqp://guest:guest@127.0.0.1:1/%2F")))
+    began = time.monotonic()
+    try:
+        assert dead.publish(messages("anything", 3)) == [False, False, False]
+    finally:
+        dead.close()
+    assert time.monotonic() - began < 4, "refused at once, not after the connect timeout"
+
+
+def test_a_lost_connection_is_reopened_on_the_next_publish(
+    publisher: ConfirmingPublisher, queue: str, broker_url: str
+) -> None:
+    assert publisher.publish(messages(queue, 1)) == [True]
+    connection = publisher._connection  # the test reaches in only to break it
+    assert connection is not None
+    connection.ioloop.add_callback_threadsafe(connection.close)
+    wait_for(lambda: publisher._connection is None, timeout=5, what="the publisher to notice")
+    assert publisher.publish(messages(queue, 3)) == [True] * 3
+    wait_for(lambda: queue_counts(broker_url, queue)[0] == 4, timeout=10, what="4 messages in the queue")
