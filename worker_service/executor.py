@@ -117,7 +117,7 @@ class Executor:
         labels = (job.type, job.queue)
         if job.started_at is not None:
             waited = (job.started_at - job.run_at).total_seconds()
-            metrics.QUEUE_WAIT.labels(*labels).observe(max(0.0, waited))
+            metrics.job_wait(*labels, max(0.0, waited))
         logger.info("attempt started", extra=log)
         timer = metrics.AttemptTimer(*labels)
         outcome = self._run_handler(job, handler, log)
@@ -154,7 +154,7 @@ class Executor:
         if error is not None:
             metrics.FAILED.labels(*labels, error.type).inc()
         if status is JobStatus.SUCCEEDED:
-            metrics.SUCCEEDED.labels(*labels).inc()
+            metrics.job_succeeded(*labels)
             logger.info("job succeeded", extra=log)
         elif status is JobStatus.CANCELLED:
             metrics.CANCELLED.labels(*labels).inc()

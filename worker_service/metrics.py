@@ -20,9 +20,11 @@ job was due, its ``run_at``, to its start) histograms and the ``conveyor_worker_
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
@@ -89,6 +91,21 @@ def serve_metrics() -> int:
     return 0
 
 
+@functools.cache
+def _child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once: it takes a lock and validates the labels each time,
+    and a worker asks for the same few children for every job."""
+    return metric.labels(*labels)
+
+
+def job_wait(job_type: str, queue: str, seconds: float) -> None:
+    _child(QUEUE_WAIT, job_type, queue).observe(seconds)
+
+
+def job_succeeded(job_type: str, queue: str) -> None:
+    _child(SUCCEEDED, job_type, queue).inc()
+
+
 class AttemptTimer:
     """Times one attempt and keeps the in-progress gauge right whatever happens."""
 
@@ -96,16 +113,16 @@ class AttemptTimer:
         self._labels = (job_type, queue)
         self._started = time.perf_counter()
         self._elapsed: float | None = None
-        STARTED.labels(*self._labels).inc()
-        IN_PROGRESS.labels(*self._labels).inc()
+        _child(STARTED, *self._labels).inc()
+        _child(IN_PROGRESS, *self._labels).inc()
 
     def stop(self) -> None:
         """The attempt stopped running (its outcome may be written later)."""
         if self._elapsed is None:
             self._elapsed = time.perf_counter() - self._started
-            IN_PROGRESS.labels(*self._labels).dec()
+            _child(IN_PROGRESS, *self._labels).dec()
 
     def finish(self, outcome: str) -> None:
         self.stop()
         assert self._elapsed is not None
-        DURATION.labels(*self._labels, outcome).observe(self._elapsed)
+        _child(DURATION, *self._labels, outcome).observe(self._elapsed)
