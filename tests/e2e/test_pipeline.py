@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import DEFAULT_QUEUE, ApiClient, dead_letter_of, peek_message_ids, wait_for
+from support import DEFAULT_QUEUE, ApiClient, ServiceProcess, dead_letter_of, peek_message_ids, pg, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -170,3 +170,29 @@ def test_list_filters_by_status_type_label_and_time(api: ApiClient) -> None:
     assert ids(status=["succeeded", "failed"]) == []
     assert ids(created_after=before.isoformat()) == [other, scheduled]
     assert ids(created_before=before.isoformat()) == []
+
+
+def test_the_api_forgets_the_outbox_rows_it_published_without_the_relay(
+    api: ApiClient, worker: ServiceProcess, relay: ServiceProcess, dsn: str
+) -> None:
+    relay.stop()  # only the API can delete these rows now
+    try:
+        single = submit(api, {"type": "noop"})
+        response = api.session.post(f"{api.base_url}/v1/jobs/batch", json={"jobs": [{"type": "noop"}] * 50},
+                                    timeout=30)  # fmt: skip
+        assert response.status_code == 200, response.text
+        ids = [single] + [r["job"]["id"] for r in response.json()["results"]]
+
+        def rows_left() -> int:
+            with pg(dsn) as cur:
+                cur.execute("SELECT count(*) FROM outbox WHERE job_id = ANY(%s::uuid[])", (ids,))
+                row = cur.fetchone()
+                assert row is not None
+                return int(row[0])
+
+        # Published inline, confirmed, then deleted by the API's background thread within ~50 ms.
+        wait_for(lambda: rows_left() == 0, timeout=5, interval=0.05, what="the API to delete its outbox rows")
+        for job_id in (ids[0], ids[-1]):
+            api.wait_status(job_id, "succeeded")
+    finally:
+        relay.start()
