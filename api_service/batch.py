@@ -100,9 +100,8 @@ class JobBatch(MethodView):
         principal, limits = current_principal(), current_limits()
         with counting_submission_refusals():
             outcomes, rate = submit_batch(
-                svc.db, svc.publisher, svc.published, svc.settings, principal.tenant, limits, valid,
-                request_id=current_request_id(),
-            )  # fmt: skip
+                svc, principal.tenant, limits, valid, request_id=current_request_id()
+            )
         for outcome in outcomes:
             if outcome.submission is not None:
                 count_submission(outcome.submission.job.type, outcome.submission.replayed)

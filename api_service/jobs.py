@@ -92,9 +92,8 @@ class Jobs(MethodView):
         principal, limits = current_principal(), current_limits()
         with counting_submission_refusals():
             submission = submit_job(
-                svc.db, svc.publisher, svc.published, svc.settings, principal.tenant, limits, new_job,
-                idempotent, request_id=current_request_id(),
-            )  # fmt: skip
+                svc, principal.tenant, limits, new_job, idempotent, request_id=current_request_id()
+            )
         count_submission(new_job.type, submission.replayed)
         headers = {"Location": url_for("jobs.get_job", job_id=submission.job.id)}
         if submission.replayed:

@@ -15,6 +15,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 
 from shared.errors import StoreUnavailable
@@ -54,8 +55,8 @@ class PublishedRows:
                 self._ids[:0] = ids
 
     def _run(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(self._interval):
+        while True:  # a daemon thread: it ends with the process (atexit flushes what is left)
+            time.sleep(self._interval)
             try:
                 self.flush()
             except Exception:  # never let the thread die: the relay would re-publish every row

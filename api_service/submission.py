@@ -13,12 +13,12 @@ Order of checks, so that no limit ever turns into a stored response:
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
 
-from api_service.published_rows import PublishedRows
-from shared.broker import Publisher
+from api_service.context import Services
 from shared.errors import (
     ConveyorError,
     IdempotencyKeyInFlight,
@@ -28,18 +28,21 @@ from shared.errors import (
 )
 from shared.jobs import Job, NewJob
 from shared.messages import Dispatch
-from shared.settings import Settings
 from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import tenants as tenant_store
 from shared.store.db import Cursor
+from shared.store.idempotency import StoredKey
 from shared.store.tenants import RateDecision, TenantLimits
 
 logger = logging.getLogger(__name__)
 
 #: The status a successful submission answers with (and that a replay repeats).
 ACCEPTED = 202
+
+KEY_IN_FLIGHT = "A request with this Idempotency-Key is still in progress."
+KEY_REUSED = "This Idempotency-Key was already used for a different request."
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,7 @@ class IdempotentRequest:
 
 
 def submit_job(
-    db: Database,
-    publisher: Publisher,
-    published: PublishedRows,
-    settings: Settings,
+    svc: Services,
     tenant: str,
     limits: TenantLimits,
     new: NewJob,
@@ -70,6 +70,7 @@ def submit_job(
 ) -> Submission:
     """One self-committing statement does the checks and the insert (``job_store.submit``); the message
     is published after it. A replay reads its job in a second statement."""
+    db, settings = svc.db, svc.settings
     record = key_lock = None
     if idempotent is not None:
         record = job_store.IdempotencyRecord(
@@ -91,19 +92,23 @@ def submit_job(
             result.stored is not None or (result.job is None and result.checks_passed)
         ):
             # A stored response, or one stored just before this statement took the key's lock.
-            replay = db.read(lambda cur: _stored_response(cur, tenant, idempotent))
+            replay = db.read(
+                functools.partial(
+                    _stored_response, tenant=tenant, idempotent=idempotent, stored=result.stored
+                )
+            )
             if replay is None:
                 continue
             return replay
         if not result.key_lock_held:
-            raise IdempotencyKeyInFlight("A request with this Idempotency-Key is still in progress.")
+            raise IdempotencyKeyInFlight(KEY_IN_FLIGHT)
         assert result.rate is not None, "a token was asked for"
         if not result.rate.allowed:
             raise _rate_limited(tenant, limits, result.rate, 1)
         if result.job is None:
             raise job_store.too_many_active(limits.max_active_jobs)
         if result.dispatch is not None:
-            publish_after_commit(publisher, published, [result.dispatch])
+            publish_after_commit(svc, [result.dispatch])
         return Submission(result.job, ACCEPTED, replayed=False, rate=result.rate)
     raise StoreUnavailable("the replayed job disappeared twice; try again")  # pragma: no cover
 
@@ -125,23 +130,29 @@ def _take_tokens(db: Database, tenant: str, limits: TenantLimits, jobs: int) -> 
     return rate
 
 
-def _stored_response(cur: Cursor, tenant: str, idempotent: IdempotentRequest) -> Submission | None:
-    stored = key_store.find_live(cur, tenant, idempotent.key)
+def _stored_response(
+    cur: Cursor, tenant: str, idempotent: IdempotentRequest, stored: StoredKey | None = None
+) -> Submission | None:
+    """The stored response of the request's key (read unless given), or None if there is none."""
+    stored = stored or key_store.find_live(cur, tenant, idempotent.key)
     if stored is None:
         return None
+    return _replay(stored, idempotent, job_store.get_job(cur, stored.job_id, tenant))
+
+
+def _replay(stored: StoredKey, idempotent: IdempotentRequest, original: Job | None) -> Submission | None:
+    """What a stored key answers: its job as it is now (None if that job was pruned, its key with it).
+    Raises IdempotencyKeyReused if the key was stored for a different request."""
     if stored.fingerprint != idempotent.fingerprint:
-        raise IdempotencyKeyReused("This Idempotency-Key was already used for a different request.")
-    original = job_store.get_job(cur, stored.job_id, tenant)
-    if original is None:  # pruned job; its key goes with it
-        return None
-    return Submission(original, stored.response_status, replayed=True)
+        raise IdempotencyKeyReused(KEY_REUSED)
+    return Submission(original, stored.response_status, replayed=True) if original else None
 
 
-def publish_after_commit(publisher: Publisher, published: PublishedRows, dispatches: list[Dispatch]) -> None:
+def publish_after_commit(svc: Services, dispatches: list[Dispatch]) -> None:
     """Publish committed jobs' messages, all at once; the outbox rows of those RabbitMQ confirmed are
     deleted later, in a batch. The others stay for the relay."""
-    confirmed = publisher.try_publish_all(dispatches)
-    published.add([d.outbox_id for d in confirmed if d.outbox_id is not None])
+    confirmed = svc.publisher.try_publish_all(dispatches)
+    svc.published.add([d.outbox_id for d in confirmed if d.outbox_id is not None])
 
 
 # --- batches -----------------------------------------------------------------------------------------
@@ -165,10 +176,7 @@ class ItemResult:
 
 
 def submit_batch(
-    db: Database,
-    publisher: Publisher,
-    published: PublishedRows,
-    settings: Settings,
+    svc: Services,
     tenant: str,
     limits: TenantLimits,
     items: list[BatchItem],
@@ -182,6 +190,7 @@ def submit_batch(
     tenant's cap a 429 each. A key repeated in the batch replays the job of its first item. Messages
     are published after COMMIT. Each step is one statement for the whole batch.
     """
+    db, settings = svc.db, svc.settings
     results = {item.index: ItemResult(item.index) for item in items}
 
     def replay_stored(cur: Cursor, candidates: list[BatchItem]) -> None:
@@ -193,12 +202,10 @@ def submit_batch(
             stored = live.get(item.idempotent.key) if item.idempotent is not None else None
             if stored is None or item.idempotent is None:
                 continue
-            if stored.fingerprint != item.idempotent.fingerprint:
-                results[item.index].refusal = IdempotencyKeyReused(
-                    "This Idempotency-Key was already used for a different request."
-                )
-            elif stored.job_id in jobs:  # else: a pruned job, whose key went with it
-                results[item.index].submission = Submission(jobs[stored.job_id], stored.response_status, True)
+            try:
+                results[item.index].submission = _replay(stored, item.idempotent, jobs.get(stored.job_id))
+            except IdempotencyKeyReused as exc:
+                results[item.index].refusal = exc
 
     def open_items() -> list[BatchItem]:
         return [i for i in items if results[i.index].submission is None and results[i.index].refusal is None]
@@ -213,9 +220,7 @@ def submit_batch(
         locked = key_store.try_lock_many(cur, tenant, [i.idempotent.key for i in fresh if i.idempotent])
         for item in fresh:
             if item.idempotent is not None and item.idempotent.key not in locked:
-                results[item.index].refusal = IdempotencyKeyInFlight(
-                    "A request with this Idempotency-Key is still in progress."
-                )
+                results[item.index].refusal = IdempotencyKeyInFlight(KEY_IN_FLIGHT)
         replay_stored(cur, open_items())  # stored meanwhile, before this transaction took the locks
         rows: list[tuple[BatchItem, job_store.NewRow]] = []
         repeats: list[tuple[BatchItem, BatchItem]] = []
@@ -236,8 +241,7 @@ def submit_batch(
             rows.append((item, job_store.NewRow(uuid.uuid4(), item.new, record)))
         inserted = job_store.insert_jobs(
             cur, tenant, [row for _, row in rows], max_active_jobs=limits.max_active_jobs,
-            outbox_grace_seconds=settings.outbox_grace_seconds, response_status=ACCEPTED,
-            request_id=request_id,
+            outbox_grace_seconds=settings.outbox_grace_seconds, request_id=request_id,
         )  # fmt: skip
         dispatches = []
         for (item, _), outcome in zip(rows, inserted, strict=True):
@@ -253,9 +257,7 @@ def submit_batch(
             assert first.idempotent is not None
             original = results[first.index]
             if item.idempotent.fingerprint != first.idempotent.fingerprint:
-                results[item.index].refusal = IdempotencyKeyReused(
-                    "This Idempotency-Key was already used for a different request."
-                )
+                results[item.index].refusal = IdempotencyKeyReused(KEY_REUSED)
             elif original.submission is not None:
                 results[item.index].submission = Submission(original.submission.job, ACCEPTED, True)
             else:
@@ -263,5 +265,5 @@ def submit_batch(
         return dispatches
 
     dispatches = db.run(write) if fresh else []
-    publish_after_commit(publisher, published, dispatches)
+    publish_after_commit(svc, dispatches)
     return [results[i.index] for i in items], rate

@@ -143,7 +143,7 @@ def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] 
 class Publisher:
     """Publishes job messages with publisher confirms, many at a time (``shared/confirms.py``).
 
-    After a failure it stops trying for ``backoff_seconds`` (``try_publish`` returns False at once), so
+    After a failure it stops trying for ``backoff_seconds`` (``try_publish_all`` publishes nothing), so
     a dead broker costs one slow request, not every request: the outbox relay delivers what was
     skipped.
     """
@@ -201,10 +201,6 @@ class Publisher:
                 "%.0fs", len(dispatches) - len(published), len(dispatches), self._backoff,
             )  # fmt: skip
         return published
-
-    def try_publish(self, dispatch: Dispatch) -> bool:
-        """Publish unless the broker failed recently; never raises for broker trouble."""
-        return bool(self.try_publish_all([dispatch]))
 
     def close(self) -> None:
         self._confirming.close()

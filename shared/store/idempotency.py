@@ -58,13 +58,7 @@ def find_live_many(cur: Cursor, tenant: str, keys: Sequence[str]) -> dict[str, S
 
 def find_live(cur: Cursor, tenant: str, key: str) -> StoredKey | None:
     """The tenant's record of this key if it exists and has not expired."""
-    cur.execute(
-        "SELECT fingerprint, job_id, response_status FROM idempotency_keys "
-        "WHERE tenant = %s AND key = %s AND expires_at > now()",
-        (tenant, key),
-    )
-    row = cur.fetchone()
-    return StoredKey(row[0], row[1], row[2]) if row else None
+    return find_live_many(cur, tenant, [key]).get(key)
 
 
 def purge_expired(cur: Cursor, limit: int) -> int:

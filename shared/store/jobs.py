@@ -30,6 +30,7 @@ from shared.jobs import (
 )
 from shared.messages import Dispatch
 from shared.store.db import Cursor, Prepared, json_param
+from shared.store.idempotency import StoredKey
 from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
 
 JOB_COLUMNS = (
@@ -60,73 +61,96 @@ class IdempotencyRecord:
     response_status: int
 
 
-# The three inserts of a submission, as CTEs of one statement: the job (if ``{guard}`` holds), its outbox
-# row, and its idempotency key (if one was given). The outbox row of a job due now is held for the grace
-# period, so that the relay leaves it to the API that publishes it right after COMMIT.
-_INSERTS = f"""
-    job AS (
-        INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
-                          timeout_seconds, run_at, labels, request_id)
-        SELECT %(id)s, %(tenant)s, %(type)s, %(queue)s, %(status)s, %(payload)s, %(priority)s,
-               %(max_attempts)s, %(timeout)s,
-               COALESCE(%(run_at)s, now() + %(delay)s * interval '1 second'), %(labels)s, %(request_id)s
-        WHERE {{guard}}
-        RETURNING {JOB_COLUMNS}
-    ), outbox_row AS (
-        INSERT INTO outbox (job_id, available_at, locked_until)
-        SELECT id, run_at, CASE WHEN run_at <= now() THEN now() + %(grace)s * interval '1 second' END
-        FROM job
-        RETURNING id
-    )"""  # noqa: S608 - only the fixed column list is interpolated
+@dataclass(frozen=True)
+class NewRow:
+    """One job to insert (``insert_jobs``, ``submit``), with its idempotency key if it has one."""
 
-#: An idempotency key row for the submission, replacing an expired one; ``{source}`` gives its job id.
-_KEY_INSERT = """
+    job_id: uuid.UUID
+    new: NewJob
+    idempotency: IdempotencyRecord | None
+
+
+# The inserts of a submission, as CTEs of one statement, for the rows of ``item`` that ``{admit}`` lets
+# in (a condition that may use ``n``, a row's position): each row's idempotency key first (replacing an
+# expired one), then the job, only together with its key, then its outbox row. A job due now has its
+# outbox row held for the grace period, so that the relay leaves it to the API, which publishes it
+# right after COMMIT. The key row names a job inserted later in the same statement: the foreign key is
+# checked when the statement ends.
+_INSERTS = f"""
+    item AS (
+        SELECT * FROM unnest(%(ids)s, %(types)s, %(queues)s, %(payloads)s, %(priorities)s,
+                             %(max_attempts)s, %(timeouts)s, %(run_ats)s, %(delays)s, %(labels)s,
+                             %(keys)s, %(fingerprints)s, %(key_ttls)s, %(key_statuses)s)
+            WITH ORDINALITY AS i(id, type, queue, payload, priority, max_attempts, timeout, run_at,
+                                 delay, labels, key, fingerprint, key_ttl, key_status, n)
+    ), key_row AS (
         INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
-        SELECT %(tenant)s, %(key)s, %(fingerprint)s, {source}, %(response_status)s,
-               now() + %(key_ttl)s * interval '1 second'
-        WHERE %(key)s::text IS NOT NULL AND {guard}
+        SELECT %(tenant)s, key, fingerprint, id, key_status, now() + key_ttl * interval '1 second'
+        FROM item
+        WHERE key IS NOT NULL AND {{admit}}
         ON CONFLICT (tenant, key) DO UPDATE
             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
                 response_status = EXCLUDED.response_status, created_at = now(),
                 expires_at = EXCLUDED.expires_at
             WHERE idempotency_keys.expires_at <= now()
-        RETURNING 1"""
+        RETURNING job_id
+    ), job AS (
+        INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
+                          timeout_seconds, run_at, labels, request_id)
+        SELECT id, %(tenant)s, type, queue, %(status)s, payload, priority, max_attempts, timeout,
+               COALESCE(run_at, now() + delay * interval '1 second'), labels, %(request_id)s
+        FROM item
+        WHERE {{admit}} AND (key IS NULL OR id IN (SELECT job_id FROM key_row))
+        ORDER BY n
+        RETURNING {JOB_COLUMNS}
+    ), outbox_row AS (
+        INSERT INTO outbox (job_id, available_at, locked_until)
+        SELECT id, run_at, CASE WHEN run_at <= now() THEN now() + %(grace)s * interval '1 second' END
+        FROM job
+        RETURNING id, job_id
+    )"""  # noqa: S608 - only the fixed column list is interpolated
 
-_UNDER_CAP = (
-    "(SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s) < %(max_active)s"
-)
+_INSERT_TYPES = {
+    "ids": "uuid[]", "types": "text[]", "queues": "text[]", "payloads": "jsonb[]", "priorities": "int[]",
+    "max_attempts": "int[]", "timeouts": "int[]", "run_ats": "timestamptz[]",
+    "delays": "double precision[]", "labels": "jsonb[]", "keys": "text[]", "fingerprints": "text[]",
+    "key_ttls": "double precision[]", "key_statuses": "int[]", "tenant": "text", "status": "text",
+    "request_id": "text", "max_active": "bigint", "grace": "double precision",
+}  # fmt: skip
+
+#: How many more jobs the tenant may have waiting or running.
+_ROOM = "%(max_active)s - (SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s)"
 
 
 def _insert_params(
-    job_id: uuid.UUID,
     tenant: str,
-    new: NewJob,
+    rows: Sequence[NewRow],
     max_active_jobs: int,
     outbox_grace_seconds: float,
-    idempotency: IdempotencyRecord | None,
     request_id: str | None,
 ) -> dict[str, Any]:
+    keys = [r.idempotency for r in rows]
     return {
-        "id": job_id,
+        "ids": [r.job_id for r in rows],
+        "types": [r.new.type for r in rows],
+        "queues": [r.new.queue for r in rows],
+        "payloads": [json_param(r.new.payload) for r in rows],
+        "priorities": [r.new.priority for r in rows],
+        "max_attempts": [r.new.max_attempts for r in rows],
+        "timeouts": [r.new.timeout_seconds for r in rows],
+        "run_ats": [r.new.run_at for r in rows],
+        "delays": [r.new.delay_seconds for r in rows],
+        "labels": [json_param(r.new.labels) for r in rows],
+        "keys": [k.key if k else None for k in keys],
+        "fingerprints": [k.fingerprint if k else None for k in keys],
+        "key_ttls": [k.ttl_seconds if k else None for k in keys],
+        "key_statuses": [k.response_status if k else None for k in keys],
         "tenant": tenant,
+        "status": INITIAL_STATUS.value,
         "request_id": request_id,
         "max_active": max_active_jobs,
-        "type": new.type,
-        "queue": new.queue,
-        "status": INITIAL_STATUS.value,
-        "payload": json_param(new.payload),
-        "priority": new.priority,
-        "max_attempts": new.max_attempts,
-        "timeout": new.timeout_seconds,
-        "run_at": new.run_at,
-        "delay": new.delay_seconds,
-        "labels": json_param(new.labels),
         "grace": outbox_grace_seconds,
-        "key": idempotency.key if idempotency else None,
-        "fingerprint": idempotency.fingerprint if idempotency else None,
-        "response_status": idempotency.response_status if idempotency else None,
-        "key_ttl": idempotency.ttl_seconds if idempotency else 0,
-    }
+    }  # fmt: skip
 
 
 def _dispatch_of(job: Job, outbox_id: int | None, due_now: bool, request_id: str | None) -> Dispatch | None:
@@ -143,60 +167,16 @@ def too_many_active(max_active_jobs: int) -> TooManyActiveJobs:
     )
 
 
-@dataclass(frozen=True)
-class NewRow:
-    """One job of a batch insert (``insert_jobs``)."""
-
-    job_id: uuid.UUID
-    new: NewJob
-    idempotency: IdempotencyRecord | None
-
-
-#: A batch's jobs, outbox rows and keys in one statement, the first ``room`` of them (the tenant's cap).
+#: A batch's jobs, outbox rows and keys in one statement: the first of them, as many as the tenant's cap
+#: leaves room for.
 _INSERT_MANY = Prepared(
     "conveyor_insert_jobs",
     f"""
-    WITH item AS (
-        SELECT * FROM unnest(%(ids)s, %(types)s, %(queues)s, %(payloads)s, %(priorities)s,
-                             %(max_attempts)s, %(timeouts)s, %(run_ats)s, %(delays)s, %(labels)s,
-                             %(keys)s, %(fingerprints)s, %(key_ttls)s)
-            WITH ORDINALITY AS i(id, type, queue, payload, priority, max_attempts, timeout, run_at,
-                                 delay, labels, key, fingerprint, key_ttl, n)
-    ), job AS (
-        INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
-                          timeout_seconds, run_at, labels, request_id)
-        SELECT id, %(tenant)s, type, queue, %(status)s, payload, priority, max_attempts, timeout,
-               COALESCE(run_at, now() + delay * interval '1 second'), labels, %(request_id)s
-        FROM item
-        WHERE n <= %(max_active)s
-                   - (SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %(tenant)s)
-        ORDER BY n
-        RETURNING {JOB_COLUMNS}
-    ), outbox_row AS (
-        INSERT INTO outbox (job_id, available_at, locked_until)
-        SELECT id, run_at, CASE WHEN run_at <= now() THEN now() + %(grace)s * interval '1 second' END
-        FROM job
-        RETURNING id, job_id
-    ), key_row AS (
-        INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
-        SELECT %(tenant)s, item.key, item.fingerprint, item.id, %(response_status)s,
-               now() + item.key_ttl * interval '1 second'
-        FROM item JOIN job ON job.id = item.id
-        WHERE item.key IS NOT NULL
-        ON CONFLICT (tenant, key) DO UPDATE
-            SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
-                response_status = EXCLUDED.response_status, created_at = now(),
-                expires_at = EXCLUDED.expires_at
-            WHERE idempotency_keys.expires_at <= now()
-    )
+    WITH{_INSERTS.format(admit=f"n <= {_ROOM}")}
     SELECT job.*, outbox_row.id, job.run_at <= now() FROM job JOIN outbox_row ON outbox_row.job_id = job.id
     """,  # noqa: S608 - fixed fragments only
-    {"ids": "uuid[]", "types": "text[]", "queues": "text[]", "payloads": "jsonb[]", "priorities": "int[]",
-     "max_attempts": "int[]", "timeouts": "int[]", "run_ats": "timestamptz[]", "delays": "double precision[]",
-     "labels": "jsonb[]", "keys": "text[]", "fingerprints": "text[]", "key_ttls": "double precision[]",
-     "tenant": "text", "status": "text", "request_id": "text", "max_active": "bigint",
-     "grace": "double precision", "response_status": "int"},
-)  # fmt: skip
+    _INSERT_TYPES,
+)
 
 
 def insert_jobs(
@@ -206,7 +186,6 @@ def insert_jobs(
     *,
     max_active_jobs: int,
     outbox_grace_seconds: float,
-    response_status: int,
     request_id: str | None = None,
 ) -> list[tuple[Job, Dispatch | None] | None]:
     """Insert a batch's jobs with their outbox rows and keys in one statement, inside the caller's
@@ -217,30 +196,7 @@ def insert_jobs(
     """
     if not rows:
         return []
-    _INSERT_MANY.execute(
-        cur,
-        {
-            "ids": [r.job_id for r in rows],
-            "types": [r.new.type for r in rows],
-            "queues": [r.new.queue for r in rows],
-            "payloads": [json_param(r.new.payload) for r in rows],
-            "priorities": [r.new.priority for r in rows],
-            "max_attempts": [r.new.max_attempts for r in rows],
-            "timeouts": [r.new.timeout_seconds for r in rows],
-            "run_ats": [r.new.run_at for r in rows],
-            "delays": [r.new.delay_seconds for r in rows],
-            "labels": [json_param(r.new.labels) for r in rows],
-            "keys": [r.idempotency.key if r.idempotency else None for r in rows],
-            "fingerprints": [r.idempotency.fingerprint if r.idempotency else None for r in rows],
-            "key_ttls": [r.idempotency.ttl_seconds if r.idempotency else None for r in rows],
-            "tenant": tenant,
-            "status": INITIAL_STATUS.value,
-            "request_id": request_id,
-            "max_active": max_active_jobs,
-            "grace": outbox_grace_seconds,
-            "response_status": response_status,
-        },
-    )
+    _INSERT_MANY.execute(cur, _insert_params(tenant, rows, max_active_jobs, outbox_grace_seconds, request_id))
     inserted = {}
     for row in cur.fetchall():
         job = job_from_row(row)
@@ -262,8 +218,7 @@ def insert_job(
     """``insert_jobs`` for one job; raises TooManyActiveJobs, and inserts nothing, at the tenant's cap."""
     [inserted] = insert_jobs(
         cur, tenant, [NewRow(job_id, new, idempotency)], max_active_jobs=max_active_jobs,
-        outbox_grace_seconds=outbox_grace_seconds,
-        response_status=idempotency.response_status if idempotency else 0, request_id=request_id,
+        outbox_grace_seconds=outbox_grace_seconds, request_id=request_id,
     )  # fmt: skip
     if inserted is None:
         raise too_many_active(max_active_jobs)
@@ -277,7 +232,7 @@ class SubmitResult:
     #: False: another request holds the idempotency key right now (nothing was written).
     key_lock_held: bool
     #: The live record of the key, if the statement found one (nothing was written).
-    stored: tuple[str, uuid.UUID, int] | None
+    stored: StoredKey | None
     #: The token bucket's answer; None if no token was asked for.
     rate: RateDecision | None
     #: Every check passed (lock, no stored response, token, cap): the job is inserted unless its key
@@ -299,20 +254,15 @@ _SUBMIT = Prepared(
     ), bucket AS (
         {BUCKET_UPSERT.format(guard="(SELECT held FROM lock) AND NOT EXISTS (SELECT 1 FROM stored)")}
     ), go AS (
-        SELECT (SELECT allowed FROM bucket) IS TRUE AND {_UNDER_CAP} AS ok
-    ), key_row AS ({_KEY_INSERT.format(source="%(id)s", guard="(SELECT ok FROM go)")}
-    ),{_INSERTS.format(guard="(SELECT ok FROM go) AND (%(key)s IS NULL OR EXISTS (SELECT 1 FROM key_row))")}
+        SELECT (SELECT allowed FROM bucket) IS TRUE AND 1 <= {_ROOM} AS ok
+    ),{_INSERTS.format(admit="(SELECT ok FROM go)")}
     SELECT lock.held, stored.fingerprint, stored.job_id, stored.response_status, bucket.tokens,
            bucket.allowed, go.ok, outbox_row.id, job.run_at <= now(), job.*
     FROM lock CROSS JOIN go LEFT JOIN stored ON true LEFT JOIN bucket ON true LEFT JOIN job ON true
          LEFT JOIN outbox_row ON true
     """,  # noqa: S608 - fixed fragments only
-    {"id": "uuid", "tenant": "text", "request_id": "text", "max_active": "int", "type": "text",
-     "queue": "text", "status": "text", "payload": "jsonb", "priority": "int", "max_attempts": "int",
-     "timeout": "int", "run_at": "timestamptz", "delay": "double precision", "labels": "jsonb",
-     "grace": "double precision", "key": "text", "fingerprint": "text", "response_status": "int",
-     "key_ttl": "double precision", "burst": "double precision", "rate": "double precision",
-     "cost": "double precision", "need": "double precision", "lock_id": "bigint"},
+    {**_INSERT_TYPES, "key": "text", "lock_id": "bigint", "burst": "double precision",
+     "rate": "double precision", "cost": "double precision", "need": "double precision"},
 )  # fmt: skip
 
 
@@ -342,9 +292,14 @@ def submit(
         cur,
         {
             **_insert_params(
-                job_id, tenant, new, limits.max_active_jobs, outbox_grace_seconds, idempotency, request_id
+                tenant,
+                [NewRow(job_id, new, idempotency)],
+                limits.max_active_jobs,
+                outbox_grace_seconds,
+                request_id,
             ),
             **bucket_params(tenant, limits, 1),
+            "key": idempotency.key if idempotency else None,
             "lock_id": key_lock_id,
         },
     )
@@ -354,7 +309,7 @@ def submit(
     job = job_from_row(row[9:]) if row[9] is not None else None
     return SubmitResult(
         key_lock_held=bool(held),
-        stored=(fingerprint, stored_job, status) if fingerprint is not None else None,
+        stored=StoredKey(fingerprint, stored_job, status) if fingerprint is not None else None,
         rate=rate_decision(float(tokens), bool(allowed), limits, 1) if tokens is not None else None,
         checks_passed=bool(checks_passed),
         job=job,
