@@ -1,7 +1,7 @@
 """The broker adapter: the only module that knows AMQP URLs, queue arguments and pika.
 
-Every Conveyor process builds its dramatiq broker here, so the API, the relay and the worker declare
-queues with identical arguments (RabbitMQ refuses a queue re-declared with different ones).
+The relay and the worker build their dramatiq broker here, so both declare queues with identical
+arguments (RabbitMQ refuses a queue re-declared with different ones).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ MAX_PRIORITY = PRIORITY_RANGE[1]
 #: - heartbeat 30 s: idle publisher connections are noticed dead within a minute;
 #: - blocked_connection_timeout 30 s: during a RabbitMQ memory or disk alarm a publish fails instead
 #:   of hanging forever (pika's default is no timeout);
-#: - socket_timeout 3 s / connection_attempts 1: a dead broker fails fast, so the API can leave the
-#:   message to the relay and still answer quickly.
+#: - socket_timeout 3 s / connection_attempts 1: a dead broker fails fast, so neither a relay round
+#:   nor the API's /readyz check hangs on it.
 URL_DEFAULTS = {
     "heartbeat": "30",
     "blocked_connection_timeout": "30",

@@ -35,7 +35,7 @@ def served(settings: Settings) -> Iterator[dict[str, Any]]:
     response = app.test_client().get("/openapi.json")
     assert response.status_code == 200
     yield response.get_json()
-    app.extensions["conveyor"].publisher.close()
+    app.extensions["conveyor"].db.close()
 
 
 @pytest.fixture(scope="module")
