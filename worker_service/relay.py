@@ -48,9 +48,10 @@ from worker_service.dead_letters import DeadLetterFiler
 
 logger = logging.getLogger(__name__)
 
-#: How long a relay holds the rows it is publishing. Generous: a batch normally takes milliseconds, and
-#: a relay that dies mid-batch only delays those rows by this much.
-OUTBOX_LEASE_SECONDS = 30.0
+#: How long a relay holds the rows it is publishing: longer than a batch can take (milliseconds
+#: normally, at most the 5 s confirm timeout plus two statements), short because the rows of a relay
+#: that died mid-batch wait this long for another.
+OUTBOX_LEASE_SECONDS = 10.0
 #: Pruning runs once a minute, in batches small enough that each DELETE holds its row locks for
 #: milliseconds, and stops after a few batches so publishing is never delayed for long.
 PRUNE_INTERVAL_SECONDS = 60.0

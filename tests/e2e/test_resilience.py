@@ -145,6 +145,52 @@ def test_duplicated_message_runs_the_job_once(
     assert worker.log_text().count('"skipping message: job is') >= 2
 
 
+def test_relay_killed_while_publishing_loses_no_job_and_runs_none_twice(
+    conveyor: ApiClient, worker: ServiceProcess, relay: ServiceProcess, broker_url: str, dsn: str
+) -> None:
+    """SIGKILL the relay in the middle of a burst: rows it leased come due again when their lease ends
+    (some messages are then published twice), rows it never saw wait for the next relay."""
+    worker.stop()
+    burst = str(uuid.uuid4())
+
+    def submit_batch() -> None:
+        response = conveyor.session.post(
+            f"{conveyor.base_url}/v1/jobs/batch",
+            json={"jobs": [{"type": "noop", "labels": {"burst": burst}}] * 500},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+
+    submit_batch()
+    wait_for(lambda: queue_counts(broker_url, QUEUE)[0] > 0, timeout=10, interval=0.01,
+             what="the relay to start publishing")  # fmt: skip
+    relay.kill()
+    for _ in range(3):  # committed while no relay runs
+        submit_batch()
+
+    def burst_jobs() -> tuple[int, int, int, int]:
+        with pg(dsn) as cur:
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'succeeded'), COALESCE(max(attempts), 0),"
+                " (SELECT count(*) FROM outbox o JOIN jobs j ON j.id = o.job_id WHERE j.labels @> %s)"
+                " FROM jobs WHERE labels @> %s",
+                (f'{{"burst": "{burst}"}}',) * 2,
+            )
+            row = cur.fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+    total, _, _, waiting = burst_jobs()
+    assert total == 2000
+    assert waiting >= 1500, "the jobs submitted after the kill wait in the outbox"
+    relay.start()
+    worker.start_worker(broker_url)
+    # The rows the dead relay had leased come due again after OUTBOX_LEASE_SECONDS (10 s); those it had
+    # published by then are published twice, and the claim ignores the second copy.
+    wait_for(lambda: burst_jobs()[1:] == (2000, 1, 0), timeout=90, interval=0.5,
+             what="every job of the burst to run once and the outbox to empty")  # fmt: skip
+
+
 def test_worker_killed_mid_job_finishes_after_restart(
     conveyor: ApiClient, worker: ServiceProcess, broker_url: str
 ) -> None:
