@@ -132,6 +132,11 @@ class OutboxPublisher:
             self.last_round = time.monotonic()
             try:
                 self._listener.wait(wait)
+            except StoreUnavailable as exc:
+                # Reconnects on the next wait; until then it polls. A dead Postgres fails just below.
+                logger.warning("no LISTEN connection, polling until there is one: %s", exc)
+                stop.wait(wait)
+            try:
                 report = self.publish_due()
             except StoreUnavailable as exc:
                 logger.warning("database unavailable, publishing paused: %s", exc)

@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -152,10 +153,14 @@ class Listener:
                 with self._conn.cursor() as cur:
                     cur.execute(f'LISTEN "{self._channel}"')
                 return True  # (re)connected: anything may have been committed meanwhile
-            if not self._conn.notifies:
-                ready, _, _ = select.select([self._conn], [], [], timeout)
-                if ready:
-                    self._conn.poll()
+            deadline = time.monotonic() + timeout
+            while not self._conn.notifies:
+                ready, _, _ = select.select([self._conn], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    break
+                # Reads what arrived; raises once the server has closed the connection (the first
+                # poll after a termination only reads the server's last message, the next one fails).
+                self._conn.poll()
             notified = bool(self._conn.notifies)
             self._conn.notifies.clear()
             return notified

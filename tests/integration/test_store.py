@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 from support import pg
 
-from shared.errors import IllegalTransition
+from shared.errors import IllegalTransition, StoreUnavailable
 from shared.jobs import TRANSITIONS, JobError, JobStatus, NewJob, transition_rows
 from shared.settings import Settings
 from shared.store import Database
@@ -250,6 +250,25 @@ def test_a_due_outbox_row_wakes_the_listener_at_commit_and_only_then(db: Databas
         with pytest.raises(RuntimeError):
             db.run(insert_then_fail)
         assert not listener.wait(0.2), "a rolled-back insert notifies nobody"
+    finally:
+        listener.close()
+
+
+def test_the_listener_reconnects_after_losing_its_connection(db: Database, dsn: str) -> None:
+    listener = db.listener(OUTBOX_CHANNEL)
+    try:
+        listener.wait(0)
+        with pg(dsn) as cur:  # what a Postgres restart or a failover does to the connection
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query LIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+            )
+            assert cur.fetchall() == [(True,)]
+        with pytest.raises(StoreUnavailable):
+            listener.wait(2)
+        assert listener.wait(0), "reconnected: the caller must look for work it may have missed"
+        db.run(lambda cur: insert_job(cur, uuid.uuid4(), new_job()))
+        assert listener.wait(2), "and it LISTENs again"
     finally:
         listener.close()
 
