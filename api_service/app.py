@@ -23,7 +23,9 @@ from api_service import (
 )
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem
+from api_service.published_rows import PublishedRows
 from api_service.schemas import Cursor
+from shared.broker import Publisher, create_broker
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 from shared.store import Database
@@ -89,7 +91,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         },
     )
     db = Database(settings, application_name="conveyor-api")
-    app.extensions[EXTENSION] = Services(settings=settings, db=db)
+    app.extensions[EXTENSION] = Services(
+        settings=settings,
+        db=db,
+        published=PublishedRows(db),
+        publisher=Publisher(
+            create_broker(settings),
+            settings.queue_prefix,
+            settings.publish_backoff_seconds,
+            on_failure=metrics.OUTBOX_PUBLISH_FAILURES.inc,
+        ),
+    )
     api = ConveyorApi(app, spec_kwargs={"extra_plugins": [openapi_docs.ConveyorDocs()]})
     api.spec.components.security_scheme("bearerAuth", auth.SECURITY_SCHEME)
     api.register_field(Cursor, "string", None)

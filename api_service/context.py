@@ -1,7 +1,4 @@
-"""What a request needs from the process: the settings and the database pool.
-
-The API never talks to RabbitMQ on a request's behalf: the relay publishes what it commits.
-"""
+"""What a request needs from the process: settings, the database pool and the publisher."""
 
 from __future__ import annotations
 
@@ -9,6 +6,8 @@ from dataclasses import dataclass
 
 from flask import current_app
 
+from api_service.published_rows import PublishedRows
+from shared.broker import Publisher
 from shared.settings import Settings
 from shared.store import Database
 
@@ -17,6 +16,9 @@ from shared.store import Database
 class Services:
     settings: Settings
     db: Database
+    publisher: Publisher
+    #: Outbox rows of messages this process published, deleted in batches.
+    published: PublishedRows
 
 
 EXTENSION = "conveyor"

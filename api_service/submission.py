@@ -1,14 +1,14 @@
-"""Submitting a job: one transaction writes the job, its outbox row and its idempotency key, and the
-request is answered right after COMMIT. The relay publishes the outbox row (the insert wakes it with a
-NOTIFY, ``worker_service/relay.py``), so a 202 means the job will run whether or not RabbitMQ is up.
+"""Submitting a job: one transaction writes the job, its outbox row and its idempotency key; the message
+is published only after COMMIT.
+
+If the publish fails (RabbitMQ down) or the process dies right after COMMIT, the outbox row stays and
+the relay publishes it, so a 202 always means the job will run.
 
 Order of checks, so that no limit ever turns into a stored response:
 1. a retried request whose key is already stored is answered from the store (no token, no cap check);
-2. the key's lock (409 if another request holds it);
-3. the tenant's rate bucket gives a token, or the request gets 429 ``rate-limited``;
-4. the insert, which refuses (429 ``too-many-active-jobs``) if the tenant is at its cap.
-A single submission does all four in one statement (``job_store.submit``); a batch in a few, each for
-the whole batch (``submit_batch``).
+2. the tenant's rate bucket gives a token, or the request gets 429 ``rate-limited``;
+3. in one transaction: the key's lock (409 if another request holds it), a last look for a stored
+   response, then the insert, which refuses (429 ``too-many-active-jobs``) if the tenant is at its cap.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from shared.errors import (
     StoreUnavailable,
 )
 from shared.jobs import Job, NewJob
+from shared.messages import Dispatch
 from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
@@ -67,8 +68,8 @@ def submit_job(
     idempotent: IdempotentRequest | None = None,
     request_id: str | None = None,
 ) -> Submission:
-    """One self-committing statement does the checks and the insert (``job_store.submit``). A replay
-    reads its job in a second statement."""
+    """One self-committing statement does the checks and the insert (``job_store.submit``); the message
+    is published after it. A replay reads its job in a second statement."""
     db, settings = svc.db, svc.settings
     record = key_lock = None
     if idempotent is not None:
@@ -80,8 +81,8 @@ def submit_job(
     def statement(job_id: uuid.UUID) -> job_store.SubmitResult:
         return db.execute(
             lambda cur: job_store.submit(
-                cur, job_id, tenant, new, limits=limits, idempotency=record, key_lock_id=key_lock,
-                request_id=request_id,
+                cur, job_id, tenant, new, limits=limits, outbox_grace_seconds=settings.outbox_grace_seconds,
+                idempotency=record, key_lock_id=key_lock, request_id=request_id,
             )
         )  # fmt: skip
 
@@ -106,6 +107,8 @@ def submit_job(
             raise _rate_limited(tenant, limits, result.rate, 1)
         if result.job is None:
             raise job_store.too_many_active(limits.max_active_jobs)
+        if result.dispatch is not None:
+            publish_after_commit(svc, [result.dispatch])
         return Submission(result.job, ACCEPTED, replayed=False, rate=result.rate)
     raise StoreUnavailable("the replayed job disappeared twice; try again")  # pragma: no cover
 
@@ -145,6 +148,13 @@ def _replay(stored: StoredKey, idempotent: IdempotentRequest, original: Job | No
     return Submission(original, stored.response_status, replayed=True) if original else None
 
 
+def publish_after_commit(svc: Services, dispatches: list[Dispatch]) -> None:
+    """Publish committed jobs' messages, all at once; the outbox rows of those RabbitMQ confirmed are
+    deleted later, in a batch. The others stay for the relay."""
+    confirmed = svc.publisher.try_publish_all(dispatches)
+    svc.published.add([d.outbox_id for d in confirmed if d.outbox_id is not None])
+
+
 # --- batches -----------------------------------------------------------------------------------------
 
 
@@ -177,8 +187,8 @@ def submit_batch(
     Like single submissions: items whose key is already stored are replayed first and cost no token;
     the rest take one token each, all or none (a 429 for the whole batch); then one transaction
     inserts them, an item whose key another request holds getting a 409, and items beyond the
-    tenant's cap a 429 each. A key repeated in the batch replays the job of its first item. Each step
-    is one statement for the whole batch.
+    tenant's cap a 429 each. A key repeated in the batch replays the job of its first item. Messages
+    are published after COMMIT. Each step is one statement for the whole batch.
     """
     db, settings = svc.db, svc.settings
     results = {item.index: ItemResult(item.index) for item in items}
@@ -204,7 +214,7 @@ def submit_batch(
     fresh = open_items()
     rate = _take_tokens(db, tenant, limits, len(fresh)) if fresh else None
 
-    def write(cur: Cursor) -> None:
+    def write(cur: Cursor) -> list[Dispatch]:
         for item in fresh:  # from scratch if the pool retries this on a fresh connection
             results[item.index] = ItemResult(item.index)
         locked = key_store.try_lock_many(cur, tenant, [i.idempotent.key for i in fresh if i.idempotent])
@@ -230,17 +240,18 @@ def submit_batch(
                 )
             rows.append((item, job_store.NewRow(uuid.uuid4(), item.new, record)))
         inserted = job_store.insert_jobs(
-            cur,
-            tenant,
-            [row for _, row in rows],
-            max_active_jobs=limits.max_active_jobs,
-            request_id=request_id,
-        )
-        for (item, _), job in zip(rows, inserted, strict=True):
-            if job is None:
+            cur, tenant, [row for _, row in rows], max_active_jobs=limits.max_active_jobs,
+            outbox_grace_seconds=settings.outbox_grace_seconds, request_id=request_id,
+        )  # fmt: skip
+        dispatches = []
+        for (item, _), outcome in zip(rows, inserted, strict=True):
+            if outcome is None:
                 results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
-            else:
-                results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
+                continue
+            job, dispatch = outcome
+            results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
+            if dispatch is not None:
+                dispatches.append(dispatch)
         for item, first in repeats:
             assert item.idempotent is not None
             assert first.idempotent is not None
@@ -251,7 +262,8 @@ def submit_batch(
                 results[item.index].submission = Submission(original.submission.job, ACCEPTED, True)
             else:
                 results[item.index].refusal = original.refusal
+        return dispatches
 
-    if fresh:
-        db.run(write)
+    dispatches = db.run(write) if fresh else []
+    publish_after_commit(svc, dispatches)
     return [results[i.index] for i in items], rate

@@ -268,15 +268,13 @@ def drain_celery(subjects: Subjects, jobs: int, processes: int, threads: int, m:
 def drain_conveyor(
     subjects: Subjects, jobs: int, processes: int, threads: int, m: Measurements, *, prefill: int = 0
 ) -> float:
-    """Submit ``jobs`` noop jobs through the batch endpoint with no worker running, wait until the
-    relay has published them all, then start ``conveyor worker`` and wait until Postgres shows them all
-    succeeded. The relay keeps running, as it would in production."""
+    """Submit ``jobs`` noop jobs through the batch endpoint with no worker running, then start
+    ``conveyor worker`` and wait until Postgres shows them all succeeded."""
     run = subjects.run
     run.fresh_database()
     if prefill:
         prefill_finished_jobs(run, prefill)
     api, base = subjects.conveyor_api()
-    relay = subjects.conveyor_relay()
     subjects.submit_batches(base, jobs)
     run.stop(api)
     _wait_queued(subjects.conveyor_queue, jobs)
@@ -289,7 +287,6 @@ def drain_conveyor(
     wait_for(finished, timeout=120 + jobs / 50, interval=0.2, what=f"{jobs} Conveyor jobs to succeed")
     m.rss("worker", worker.peak_rss_mb())
     run.stop(worker)
-    run.stop(relay)
     with pg(run.dsn) as cur:
         cur.execute(
             "SELECT extract(epoch FROM finished_at) FROM jobs"
@@ -336,7 +333,6 @@ def submit_conveyor(
     if prefill:
         prefill_finished_jobs(run, prefill)
     api, base = subjects.conveyor_api()
-    relay = subjects.conveyor_relay()  # it publishes what the API commits: its cost is part of the figure
     tag = uuid.uuid4().hex[:8]
     single = load.run_wrk(base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds)
     _check_errors("POST /v1/jobs", single, m)
@@ -349,7 +345,6 @@ def submit_conveyor(
     _check_errors("POST /v1/jobs/batch", batch, m)
     m.rss("api", api.peak_rss_mb())
     run.stop(api)
-    run.stop(relay)
     purge(subjects.conveyor_queue)
     return single.requests_per_second, _batch_rate(batch, batch_size), _batch_rate(alone, batch_size)
 

@@ -35,7 +35,6 @@ def profile_conveyor(subjects: Subjects, jobs: int, seconds: float) -> list[str]
     # The worker, 1 x 8, draining pre-queued no-op jobs.
     run.fresh_database()
     api, base = subjects.conveyor_api()
-    relay = subjects.conveyor_relay()
     subjects.submit_batches(base, jobs)
     run.stop(api)
     worker = subjects.conveyor_worker(1, 8)
@@ -50,19 +49,16 @@ def profile_conveyor(subjects: Subjects, jobs: int, seconds: float) -> list[str]
     wait_for(drained, timeout=120 + jobs / 50, interval=0.2, what="the profiled drain")
     _finish(run, spy)
     run.stop(worker)
-    run.stop(relay)
     sections.append(summarise(f"Worker (`conveyor worker`, 1 x 8) draining {jobs:,} no-op jobs", out))
 
     # The API, 2 x 4, under wrk with POST /v1/jobs.
     run.fresh_database()
     api, base = subjects.conveyor_api()
-    relay = subjects.conveyor_relay()
     out = run.dir / "api.pyspy"
     spy = _record(run, py_spy, api, out)
     load.run_wrk(base + "/v1/jobs", "single.lua", ["profile"], seconds)
     _finish(run, spy)
     run.stop(api)
-    run.stop(relay)
     sections.append(summarise("API (gunicorn 2 x 4) under wrk, POST /v1/jobs with Idempotency-Key", out))
     return sections
 

@@ -1,7 +1,7 @@
 """The broker adapter: the only module that knows AMQP URLs, queue arguments and pika.
 
-The relay and the worker build their dramatiq broker here, so both declare queues with identical
-arguments (RabbitMQ refuses a queue re-declared with different ones).
+Every Conveyor process builds its dramatiq broker here, so the API, the relay and the worker declare
+queues with identical arguments (RabbitMQ refuses a queue re-declared with different ones).
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +39,8 @@ MAX_PRIORITY = PRIORITY_RANGE[1]
 #: - heartbeat 30 s: idle publisher connections are noticed dead within a minute;
 #: - blocked_connection_timeout 30 s: during a RabbitMQ memory or disk alarm a publish fails instead
 #:   of hanging forever (pika's default is no timeout);
-#: - socket_timeout 3 s / connection_attempts 1: a dead broker fails fast, so neither a relay round
-#:   nor the API's /readyz check hangs on it.
+#: - socket_timeout 3 s / connection_attempts 1: a dead broker fails fast, so the API can leave the
+#:   message to the relay and still answer quickly.
 URL_DEFAULTS = {
     "heartbeat": "30",
     "blocked_connection_timeout": "30",
@@ -139,17 +141,31 @@ def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] 
 
 
 class Publisher:
-    """Publishes job messages with publisher confirms, many at a time (``shared/confirms.py``); the
-    relay's, which is the only publisher of job messages."""
+    """Publishes job messages with publisher confirms, many at a time (``shared/confirms.py``).
 
-    def __init__(self, broker: RabbitmqBroker, queue_prefix: str) -> None:
+    After a failure it stops trying for ``backoff_seconds`` (``try_publish_all`` publishes nothing), so
+    a dead broker costs one slow request, not every request: the outbox relay delivers what was
+    skipped.
+    """
+
+    def __init__(
+        self,
+        broker: RabbitmqBroker,
+        queue_prefix: str,
+        backoff_seconds: float,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_failure = on_failure
         self._broker = broker
         self._prefix = queue_prefix
+        self._backoff = backoff_seconds
         parameters = broker.parameters  # dramatiq keeps a list when the URL names several brokers
         self._confirming = ConfirmingPublisher(parameters[0] if isinstance(parameters, list) else parameters)
+        self._lock = threading.Lock()
+        self._closed_until = 0.0
 
     def publish_all(self, dispatches: Sequence[Dispatch]) -> list[Dispatch]:
-        """Publish all at once; returns those RabbitMQ confirmed (the others stay in the outbox)."""
+        """Publish all at once; returns those RabbitMQ confirmed (the others stay for the relay)."""
         messages = [build_message(dispatch, self._prefix) for dispatch in dispatches]
         try:
             for queue in {message.queue_name for message in messages}:
@@ -169,6 +185,22 @@ class Publisher:
         """Publish one message; returns once RabbitMQ confirmed it. Raises BrokerUnavailable."""
         if not self.publish_all([dispatch]):
             raise BrokerUnavailable(f"RabbitMQ did not confirm the message of job {dispatch.job_id}")
+
+    def try_publish_all(self, dispatches: Sequence[Dispatch]) -> list[Dispatch]:
+        """``publish_all`` unless the broker failed recently; the dispatches RabbitMQ confirmed."""
+        if not dispatches or time.monotonic() < self._closed_until:
+            return []
+        published = self.publish_all(dispatches)
+        if len(published) < len(dispatches):
+            if self._on_failure is not None:
+                self._on_failure()
+            with self._lock:
+                self._closed_until = time.monotonic() + self._backoff
+            logger.warning(
+                "%d of %d messages not confirmed; the relay will deliver them, inline publishing paused "
+                "%.0fs", len(dispatches) - len(published), len(dispatches), self._backoff,
+            )  # fmt: skip
+        return published
 
     def close(self) -> None:
         self._confirming.close()

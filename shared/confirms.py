@@ -2,7 +2,7 @@
 
 dramatiq publishes through a blocking pika channel that waits for each message's confirm before it
 sends the next one. That costs a round trip, and a wait for RabbitMQ's disk, per message: a batch of
-500 outbox rows waited for 500 confirms one after the other.
+100 jobs waited for 100 confirms one after the other, and every API thread kept its own connection.
 
 Here each process has one AMQP connection, driven by its own I/O thread (pika's asynchronous
 ``SelectConnection``). Any thread hands it a list of messages; the I/O thread publishes them at once,

@@ -84,8 +84,8 @@ class Settings:
     publish_backoff_seconds: float = setting(
         "CONVEYOR_PUBLISH_BACKOFF_SECONDS",
         5.0,
-        "After a failed publish the relay tries those messages again after this long; also its "
-        "wait before trying Postgres again after an outage.",
+        "After a failed publish the API stops publishing inline for this long and leaves its "
+        "messages to the relay, so a dead broker never slows submissions down.",
         minimum=0,
     )
     # --- Security -------------------------------------------------------------------------------
@@ -219,14 +219,20 @@ class Settings:
     relay_poll_seconds: float = setting(
         "CONVEYOR_RELAY_POLL_SECONDS",
         0.5,
-        "How often the relay looks for outbox rows that came due (scheduled jobs, retries), lapsed "
-        "leases and dead letters (expired idempotency keys and old finished jobs are pruned once a "
-        "minute). New jobs do not wait for it: their insert wakes the relay (LISTEN/NOTIFY). Bounds "
-        "the extra latency of a retry or a scheduled job.",
+        "How often the relay looks for due outbox rows, lapsed leases and dead letters when idle "
+        "(expired idempotency keys and old finished jobs are pruned once a minute). Bounds the extra "
+        "latency of a retry or a scheduled job.",
         minimum=0.01,
     )
     relay_batch_size: int = setting(
-        "CONVEYOR_RELAY_BATCH_SIZE", 500, "Outbox rows the relay publishes at a time.", minimum=1
+        "CONVEYOR_RELAY_BATCH_SIZE", 200, "Outbox rows the relay publishes per round.", minimum=1
+    )
+    outbox_grace_seconds: float = setting(
+        "CONVEYOR_OUTBOX_GRACE_SECONDS",
+        5.0,
+        "How long the relay leaves a fresh outbox row to the API that wrote it before publishing it "
+        "itself. The API normally publishes within milliseconds.",
+        minimum=0.1,
     )
     # --- High availability and probes ---------------------------------------------------------
     queue_type: str = setting(

@@ -144,8 +144,8 @@ def pg(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
 
 def written_rows(dsn: str) -> dict[str, int]:
     """What a refused request must leave as it was: the number of jobs and of idempotency keys, and the
-    last outbox id handed out (not the number of outbox rows: the relay deletes published rows, so
-    that count moves by itself)."""
+    last outbox id handed out (not the number of outbox rows: the API deletes published rows in the
+    background, so that count moves by itself)."""
     with pg(dsn) as cur:
         cur.execute(
             "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM idempotency_keys),"

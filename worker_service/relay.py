@@ -1,20 +1,14 @@
-"""The relay: the only publisher of job messages, and the process that keeps the job table honest.
+"""The relay: publishes the outbox to RabbitMQ and keeps the job table honest.
 
-Its publishing thread (``OutboxPublisher``) LISTENs on the channel that every insert of a due outbox
-row notifies (migration 0007), so a new job is published milliseconds after its COMMIT. It leases due
-rows (new jobs, scheduled jobs whose time came, retries whose backoff is over), publishes them with
-publisher confirms awaited together, and deletes the confirmed ones; while rows keep coming it goes on
-batch after batch, and with nothing to do it waits for a notification or ``CONVEYOR_RELAY_POLL_SECONDS``
-(rows that come due by the clock send none).
-
-Its main thread (``Relay``), every ``CONVEYOR_RELAY_POLL_SECONDS``,
-1. retries or fails running jobs whose lease lapsed (their worker is gone), but only once Postgres has
+Each round it
+1. leases due outbox rows (new jobs the API could not publish, scheduled jobs whose time came, retries
+   whose backoff is over), publishes them with publisher confirms and deletes the confirmed ones;
+2. retries or fails running jobs whose lease lapsed (their worker is gone), but only once Postgres has
    been reachable for a whole lease period: after an outage (or at the relay's start) the workers first
    get the chance to renew the leases they could not renew meanwhile;
-2. files what the queues' dead-letter queues hold in Postgres (``worker_service.dead_letters``);
-3. every minute, purges expired idempotency keys and prunes finished jobs past
-   ``CONVEYOR_RETENTION_SECONDS``, in batches of a few hundred rows, at most a few batches a round;
-4. writes the heartbeat file, as long as the publishing thread goes round too.
+3. files what the queues' dead-letter queues hold in Postgres (``worker_service.dead_letters``);
+4. every minute, purges expired idempotency keys and prunes finished jobs past
+   ``CONVEYOR_RETENTION_SECONDS``, in batches of a few hundred rows, at most a few batches a round.
 
 Several relays may run at once: rows are leased with ``FOR UPDATE SKIP LOCKED``. A duplicate publish
 (a relay dying between publish and delete) is harmless, because the worker's claim runs a job once.
@@ -27,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -48,10 +41,9 @@ from worker_service.dead_letters import DeadLetterFiler
 
 logger = logging.getLogger(__name__)
 
-#: How long a relay holds the rows it is publishing: longer than a batch can take (milliseconds
-#: normally, at most the 5 s confirm timeout plus two statements), short because the rows of a relay
-#: that died mid-batch wait this long for another.
-OUTBOX_LEASE_SECONDS = 10.0
+#: How long a relay holds the rows it is publishing. Generous: a batch normally takes milliseconds, and
+#: a relay that dies mid-batch only delays those rows by this much.
+OUTBOX_LEASE_SECONDS = 30.0
 #: Pruning runs once a minute, in batches small enough that each DELETE holds its row locks for
 #: milliseconds, and stops after a few batches so publishing is never delayed for long.
 PRUNE_INTERVAL_SECONDS = 60.0
@@ -60,104 +52,23 @@ PRUNE_BATCHES_PER_ROUND = 20
 LAPSED_LEASE_BATCH = 100
 
 
-#: The channel the outbox trigger notifies (migration 0007).
-OUTBOX_CHANNEL = "conveyor_outbox"
-#: The relay stops writing its heartbeat if its publishing thread has not gone round for this long.
-PUBLISHER_STALL_SECONDS = 60.0
-
-
 @dataclass
 class RoundReport:
+    published: int = 0
+    failed_publishes: int = 0
     recovered: int = 0
     purged_keys: int = 0
     pruned_jobs: int = 0
     dead_letters_filed: int = 0
 
 
-@dataclass
-class PublishReport:
-    published: int = 0
-    failed: int = 0
-
-
-class OutboxPublisher:
-    """Publishes due outbox rows as soon as they are committed (see the module docstring)."""
-
-    def __init__(self, settings: Settings, db: Database, publisher: Publisher) -> None:
+class Relay:
+    def __init__(
+        self, settings: Settings, db: Database, publisher: Publisher, filer: DeadLetterFiler | None = None
+    ) -> None:
         self._settings = settings
         self._db = db
         self._publisher = publisher
-        self._listener = db.listener(OUTBOX_CHANNEL)
-        #: time.monotonic() at the start of the last loop (the main thread's stall check reads it).
-        self.last_round = time.monotonic()
-        #: Set if the thread died of an unexpected error (the relay then exits non-zero).
-        self.failed = False
-
-    def publish_due(self) -> PublishReport:
-        """Lease, publish and delete one batch of due rows."""
-        report = PublishReport()
-        batch = self._settings.relay_batch_size
-        due = self._db.execute(
-            lambda cur: outbox_store.lease_due(cur, limit=batch, lease_seconds=OUTBOX_LEASE_SECONDS)
-        )
-        if not due:
-            return report
-        published = self._publisher.publish_all(due)
-        published_ids = [d.outbox_id for d in published if d.outbox_id is not None]
-        self._db.execute(lambda cur: outbox_store.delete_published(cur, published_ids))
-        report.published = len(published)
-        relay_metrics.OUTBOX_PUBLISHED.inc(len(published))
-        confirmed = set(published_ids)
-        unpublished = [d.outbox_id for d in due if d.outbox_id is not None and d.outbox_id not in confirmed]
-        if unpublished:
-            relay_metrics.OUTBOX_PUBLISH_FAILURES.inc()
-            report.failed = len(unpublished)
-            retry_in = self._settings.publish_backoff_seconds
-            self._db.execute(
-                lambda cur: outbox_store.record_publish_error(
-                    cur, unpublished, "broker unavailable", retry_in
-                )
-            )
-            logger.warning(
-                "published %d outbox message(s), %d left for later", len(published), len(unpublished)
-            )
-        else:
-            logger.debug("published %d outbox message(s)", len(published))
-        return report
-
-    def run_forever(self, stop: threading.Event) -> None:
-        """LISTEN first, then publish until a batch comes back short, then wait for a notification."""
-        wait = 0.0
-        while not stop.is_set():
-            self.last_round = time.monotonic()
-            try:
-                self._listener.wait(wait)
-            except StoreUnavailable as exc:
-                # Reconnects on the next wait; until then it polls. A dead Postgres fails just below.
-                logger.warning("no LISTEN connection, polling until there is one: %s", exc)
-                stop.wait(wait)
-            try:
-                report = self.publish_due()
-            except StoreUnavailable as exc:
-                logger.warning("database unavailable, publishing paused: %s", exc)
-                stop.wait(self._settings.publish_backoff_seconds)
-                wait = 0.0
-                continue
-            # A full batch: more may be due at once. After a failed publish: not before the backoff.
-            wait = (
-                0.0
-                if report.published == self._settings.relay_batch_size
-                else self._settings.relay_poll_seconds
-            )
-            if report.failed:
-                stop.wait(self._settings.publish_backoff_seconds)
-        self._listener.close()
-
-
-class Relay:
-    def __init__(self, settings: Settings, db: Database, filer: DeadLetterFiler | None = None) -> None:
-        self._settings = settings
-        self._db = db
         self._filer = filer
         self._next_purge = 0.0
         #: time.monotonic() since when Postgres has answered every round (None: it just failed).
@@ -166,7 +77,7 @@ class Relay:
     def run_round(self) -> RoundReport:
         report = RoundReport()
         try:
-            self._db.read(lambda cur: cur.execute("SELECT 1"))
+            self._publish_due(report)
         except StoreUnavailable:
             self._reachable_since = None
             raise
@@ -198,14 +109,33 @@ class Relay:
             if keys < PRUNE_BATCH and jobs < PRUNE_BATCH:
                 break
 
-    def _beat(self, outbox: OutboxPublisher | None) -> None:
-        """Touch the heartbeat file (a round came round, even if Postgres was down in the last one),
-        unless the publishing thread has stalled."""
-        if outbox is not None and time.monotonic() - outbox.last_round > PUBLISHER_STALL_SECONDS:
-            logger.error(
-                "the publishing thread has not gone round for %.0f s", time.monotonic() - outbox.last_round
-            )
+    def _publish_due(self, report: RoundReport) -> None:
+        batch = self._settings.relay_batch_size
+        due = self._db.execute(
+            lambda cur: outbox_store.lease_due(cur, limit=batch, lease_seconds=OUTBOX_LEASE_SECONDS)
+        )
+        if not due:
             return
+        published = self._publisher.publish_all(due)
+        published_ids = [d.outbox_id for d in published if d.outbox_id is not None]
+        self._db.execute(lambda cur: outbox_store.delete_published(cur, published_ids))
+        report.published = len(published)
+        relay_metrics.OUTBOX_PUBLISHED.inc(len(published))
+        confirmed = set(published_ids)
+        unpublished = [d.outbox_id for d in due if d.outbox_id is not None and d.outbox_id not in confirmed]
+        if unpublished:
+            relay_metrics.OUTBOX_PUBLISH_FAILURES.inc()
+            report.failed_publishes = len(unpublished)
+            retry_in = self._settings.publish_backoff_seconds
+            self._db.execute(
+                lambda cur: outbox_store.record_publish_error(
+                    cur, unpublished, "broker unavailable", retry_in
+                )
+            )
+        logger.info("published %d outbox message(s), %d left for later", len(published), len(unpublished))
+
+    def _beat(self) -> None:
+        """Touch the heartbeat file (a round came round, even if Postgres was down in the last one)."""
         if self._settings.relay_heartbeat_file:
             try:
                 heartbeat.beat(self._settings.relay_heartbeat_file)
@@ -229,29 +159,20 @@ class Relay:
             )  # fmt: skip
         report.recovered = len(recovered)
 
-    def run_forever(self, stop: threading.Event, outbox: OutboxPublisher | None = None) -> None:
+    def run_forever(self, stop: threading.Event) -> None:
         logger.info("relay started")
         while not stop.is_set():
-            self._beat(outbox)
+            self._beat()
             try:
-                self.run_round()
+                report = self.run_round()
             except StoreUnavailable as exc:
                 logger.warning("database unavailable: %s", exc)
                 self._reachable_since = None
                 stop.wait(self._settings.publish_backoff_seconds)
                 continue
-            stop.wait(self._settings.relay_poll_seconds)
+            if report.published < self._settings.relay_batch_size:  # a full batch: more may be due
+                stop.wait(self._settings.relay_poll_seconds)
         logger.info("relay stopped")
-
-
-def _publish_until(outbox: OutboxPublisher, stop: threading.Event) -> None:
-    """The publishing thread; an unexpected error stops the whole relay (its supervisor restarts it)."""
-    try:
-        outbox.run_forever(stop)
-    except BaseException:
-        logger.exception("the publishing thread failed; stopping the relay")
-        outbox.failed = True
-        stop.set()
 
 
 def main() -> None:
@@ -259,8 +180,7 @@ def main() -> None:
     configure_logging(settings)
     db = Database(settings, application_name="conveyor-relay")
     broker = create_broker(settings)
-    publisher = Publisher(broker, settings.queue_prefix)
-    outbox = OutboxPublisher(settings, db, publisher)
+    publisher = Publisher(broker, settings.queue_prefix, settings.publish_backoff_seconds)
     filer = DeadLetterFiler(settings, db, DeadLetterReader(broker))
     stop = threading.Event()
     stats = relay_metrics.serve(settings, db)
@@ -271,21 +191,15 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    publishing = threading.Thread(target=_publish_until, args=(outbox, stop), name="outbox-publisher")
-    publishing.start()
     try:
-        Relay(settings, db, filer).run_forever(stop, outbox)
+        Relay(settings, db, publisher, filer).run_forever(stop)
     finally:
-        stop.set()
-        publishing.join()
         if settings.relay_heartbeat_file:
             heartbeat.remove(settings.relay_heartbeat_file)
         if stats is not None:
             stats.stop()
         publisher.close()
         db.close()
-    if outbox.failed:
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,59 +117,11 @@ class Database:
         """Run one statement that commits by itself (one round trip)."""
         return self.run(work, transaction=False)
 
-    def listener(self, channel: str) -> Listener:
-        """A connection of its own that LISTENs on ``channel`` (outside the pool)."""
-        return Listener(self._connect, channel)
-
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             _close_quietly(conn)
-
-
-class Listener:
-    """Waits for NOTIFYs on one channel, on a connection of its own.
-
-    ``wait`` connects (and LISTENs) when it has no connection; notifications that arrive while the
-    caller is busy are kept by the connection and end the next ``wait`` at once. Callers therefore
-    LISTEN first (``wait(0)``), then look for work, then ``wait``: nothing committed after the look
-    is missed. After a lost connection, ``wait`` raises StoreUnavailable once; the caller should look
-    for work again after the next successful ``wait``, which reconnects.
-    """
-
-    def __init__(self, connect: Callable[[], psycopg2.extensions.connection], channel: str) -> None:
-        self._connect = connect
-        self._channel = channel
-        self._conn: psycopg2.extensions.connection | None = None
-
-    def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds; True if a notification came (all pending ones are consumed)."""
-        try:
-            if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
-                with self._conn.cursor() as cur:
-                    cur.execute(f'LISTEN "{self._channel}"')
-                return True  # (re)connected: anything may have been committed meanwhile
-            deadline = time.monotonic() + timeout
-            while not self._conn.notifies:
-                ready, _, _ = select.select([self._conn], [], [], max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    break
-                # Reads what arrived; raises once the server has closed the connection (the first
-                # poll after a termination only reads the server's last message, the next one fails).
-                self._conn.poll()
-            notified = bool(self._conn.notifies)
-            self._conn.notifies.clear()
-            return notified
-        except (*_UNAVAILABLE, OSError, ValueError) as exc:
-            self.close()
-            raise StoreUnavailable(_describe(exc)) from exc
-
-    def close(self) -> None:
-        if self._conn is not None:
-            _close_quietly(self._conn)
-            self._conn = None
 
 
 class _StaleConnection(Exception):

@@ -28,6 +28,7 @@ from shared.jobs import (
     NewJob,
     sources_of,
 )
+from shared.messages import Dispatch
 from shared.store.db import Cursor, Prepared, json_param
 from shared.store.idempotency import StoredKey
 from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
@@ -71,9 +72,10 @@ class NewRow:
 
 # The inserts of a submission, as CTEs of one statement, for the rows of ``item`` that ``{admit}`` lets
 # in (a condition that may use ``n``, a row's position): each row's idempotency key first (replacing an
-# expired one), then the job, only together with its key, then its outbox row, which the relay publishes
-# (the insert notifies it: migration 0007). The key row names a job inserted later in the same
-# statement: the foreign key is checked when the statement ends.
+# expired one), then the job, only together with its key, then its outbox row. A job due now has its
+# outbox row held for the grace period, so that the relay leaves it to the API, which publishes it
+# right after COMMIT. The key row names a job inserted later in the same statement: the foreign key is
+# checked when the statement ends.
 _INSERTS = f"""
     item AS (
         SELECT * FROM unnest(%(ids)s, %(types)s, %(queues)s, %(payloads)s, %(priorities)s,
@@ -102,7 +104,10 @@ _INSERTS = f"""
         ORDER BY n
         RETURNING {JOB_COLUMNS}
     ), outbox_row AS (
-        INSERT INTO outbox (job_id, available_at) SELECT id, run_at FROM job
+        INSERT INTO outbox (job_id, available_at, locked_until)
+        SELECT id, run_at, CASE WHEN run_at <= now() THEN now() + %(grace)s * interval '1 second' END
+        FROM job
+        RETURNING id, job_id
     )"""  # noqa: S608 - only the fixed column list is interpolated
 
 _INSERT_TYPES = {
@@ -110,7 +115,7 @@ _INSERT_TYPES = {
     "max_attempts": "int[]", "timeouts": "int[]", "run_ats": "timestamptz[]",
     "delays": "double precision[]", "labels": "jsonb[]", "keys": "text[]", "fingerprints": "text[]",
     "key_ttls": "double precision[]", "key_statuses": "int[]", "tenant": "text", "status": "text",
-    "request_id": "text", "max_active": "bigint",
+    "request_id": "text", "max_active": "bigint", "grace": "double precision",
 }  # fmt: skip
 
 #: How many more jobs the tenant may have waiting or running.
@@ -121,6 +126,7 @@ def _insert_params(
     tenant: str,
     rows: Sequence[NewRow],
     max_active_jobs: int,
+    outbox_grace_seconds: float,
     request_id: str | None,
 ) -> dict[str, Any]:
     keys = [r.idempotency for r in rows]
@@ -143,7 +149,14 @@ def _insert_params(
         "status": INITIAL_STATUS.value,
         "request_id": request_id,
         "max_active": max_active_jobs,
+        "grace": outbox_grace_seconds,
     }  # fmt: skip
+
+
+def _dispatch_of(job: Job, outbox_id: int | None, due_now: bool, request_id: str | None) -> Dispatch | None:
+    if outbox_id is None or not due_now:
+        return None
+    return Dispatch(job.id, job.type, job.queue, job.priority, outbox_id, request_id)
 
 
 def too_many_active(max_active_jobs: int) -> TooManyActiveJobs:
@@ -160,7 +173,7 @@ _INSERT_MANY = Prepared(
     "conveyor_insert_jobs",
     f"""
     WITH{_INSERTS.format(admit=f"n <= {_ROOM}")}
-    SELECT * FROM job
+    SELECT job.*, outbox_row.id, job.run_at <= now() FROM job JOIN outbox_row ON outbox_row.job_id = job.id
     """,  # noqa: S608 - fixed fragments only
     _INSERT_TYPES,
 )
@@ -172,18 +185,22 @@ def insert_jobs(
     rows: Sequence[NewRow],
     *,
     max_active_jobs: int,
+    outbox_grace_seconds: float,
     request_id: str | None = None,
-) -> list[Job | None]:
+) -> list[tuple[Job, Dispatch | None] | None]:
     """Insert a batch's jobs with their outbox rows and keys in one statement, inside the caller's
     transaction (the caller holds the keys' locks and found none of them stored).
 
-    Returns, in order, each job, or None for the jobs beyond the tenant's cap of active jobs, which
-    are not inserted.
+    Returns, in order, each job and its dispatch (if due now), or None for the jobs beyond the
+    tenant's cap of active jobs, which are not inserted.
     """
     if not rows:
         return []
-    _INSERT_MANY.execute(cur, _insert_params(tenant, rows, max_active_jobs, request_id))
-    inserted = {job.id: job for job in map(job_from_row, cur.fetchall())}
+    _INSERT_MANY.execute(cur, _insert_params(tenant, rows, max_active_jobs, outbox_grace_seconds, request_id))
+    inserted = {}
+    for row in cur.fetchall():
+        job = job_from_row(row)
+        inserted[job.id] = (job, _dispatch_of(job, row[_WIDTH], row[_WIDTH + 1], request_id))
     return [inserted.get(r.job_id) for r in rows]
 
 
@@ -194,13 +211,14 @@ def insert_job(
     new: NewJob,
     *,
     max_active_jobs: int,
+    outbox_grace_seconds: float,
     idempotency: IdempotencyRecord | None = None,
     request_id: str | None = None,
-) -> Job:
+) -> tuple[Job, Dispatch | None]:
     """``insert_jobs`` for one job; raises TooManyActiveJobs, and inserts nothing, at the tenant's cap."""
     [inserted] = insert_jobs(
         cur, tenant, [NewRow(job_id, new, idempotency)], max_active_jobs=max_active_jobs,
-        request_id=request_id,
+        outbox_grace_seconds=outbox_grace_seconds, request_id=request_id,
     )  # fmt: skip
     if inserted is None:
         raise too_many_active(max_active_jobs)
@@ -220,8 +238,9 @@ class SubmitResult:
     #: Every check passed (lock, no stored response, token, cap): the job is inserted unless its key
     #: turned out to be stored meanwhile.
     checks_passed: bool
-    #: The new job; None if it was not inserted.
+    #: The new job and what to publish; None if it was not inserted.
     job: Job | None
+    dispatch: Dispatch | None
 
 
 _SUBMIT = Prepared(
@@ -238,8 +257,9 @@ _SUBMIT = Prepared(
         SELECT (SELECT allowed FROM bucket) IS TRUE AND 1 <= {_ROOM} AS ok
     ),{_INSERTS.format(admit="(SELECT ok FROM go)")}
     SELECT lock.held, stored.fingerprint, stored.job_id, stored.response_status, bucket.tokens,
-           bucket.allowed, go.ok, job.*
+           bucket.allowed, go.ok, outbox_row.id, job.run_at <= now(), job.*
     FROM lock CROSS JOIN go LEFT JOIN stored ON true LEFT JOIN bucket ON true LEFT JOIN job ON true
+         LEFT JOIN outbox_row ON true
     """,  # noqa: S608 - fixed fragments only
     {**_INSERT_TYPES, "key": "text", "lock_id": "bigint", "burst": "double precision",
      "rate": "double precision", "cost": "double precision", "need": "double precision"},
@@ -253,6 +273,7 @@ def submit(
     new: NewJob,
     *,
     limits: TenantLimits,
+    outbox_grace_seconds: float,
     idempotency: IdempotencyRecord | None,
     key_lock_id: int | None,
     request_id: str | None,
@@ -274,6 +295,7 @@ def submit(
                 tenant,
                 [NewRow(job_id, new, idempotency)],
                 limits.max_active_jobs,
+                outbox_grace_seconds,
                 request_id,
             ),
             **bucket_params(tenant, limits, 1),
@@ -283,14 +305,15 @@ def submit(
     )
     row = cur.fetchone()
     assert row is not None, "the statement always returns one row"
-    held, fingerprint, stored_job, status, tokens, allowed, checks_passed = row[:7]
-    job = job_from_row(row[7:]) if row[7] is not None else None
+    held, fingerprint, stored_job, status, tokens, allowed, checks_passed, outbox_id, due_now = row[:9]
+    job = job_from_row(row[9:]) if row[9] is not None else None
     return SubmitResult(
         key_lock_held=bool(held),
         stored=StoredKey(fingerprint, stored_job, status) if fingerprint is not None else None,
         rate=rate_decision(float(tokens), bool(allowed), limits, 1) if tokens is not None else None,
         checks_passed=bool(checks_passed),
         job=job,
+        dispatch=_dispatch_of(job, outbox_id, due_now, request_id) if job else None,
     )
 
 

@@ -11,8 +11,8 @@ from shared.store.db import Cursor
 def lease_due(cur: Cursor, *, limit: int, lease_seconds: float) -> list[Dispatch]:
     """Take up to ``limit`` due rows for ``lease_seconds`` and return what to publish.
 
-    Rows another relay holds are skipped. A row whose publish fails comes due again after the relay's
-    backoff (``record_publish_error``); the rows of a relay that died mid-batch, when their lease ends.
+    Rows held by another publisher (the API that just wrote them, or another relay) are skipped. A
+    row whose publish fails simply comes due again when its lease ends: that is the relay's backoff.
     """
     cur.execute(
         """

@@ -35,7 +35,7 @@ def served(settings: Settings) -> Iterator[dict[str, Any]]:
     response = app.test_client().get("/openapi.json")
     assert response.status_code == 200
     yield response.get_json()
-    app.extensions["conveyor"].db.close()
+    app.extensions["conveyor"].publisher.close()
 
 
 @pytest.fixture(scope="module")

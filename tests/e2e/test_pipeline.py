@@ -172,34 +172,27 @@ def test_list_filters_by_status_type_label_and_time(api: ApiClient) -> None:
     assert ids(created_before=before.isoformat()) == []
 
 
-def test_a_new_job_wakes_the_relay_instead_of_waiting_for_its_poll(
-    api: ApiClient, worker: ServiceProcess, relay: ServiceProcess, service_env: dict[str, str], dsn: str
+def test_the_api_forgets_the_outbox_rows_it_published_without_the_relay(
+    api: ApiClient, worker: ServiceProcess, relay: ServiceProcess, dsn: str
 ) -> None:
-    relay.stop()
-    slow = ServiceProcess("relay", {**service_env, "CONVEYOR_RELAY_POLL_SECONDS": "120"})
-    slow.log_path = slow.log_path.with_name("relay-slow-poll.log")
-    slow.start()
+    relay.stop()  # only the API can delete these rows now
     try:
-
-        def listening() -> bool:
-            assert slow.running, slow.log_text()[-2000:]
-            with pg(dsn) as cur:
-                cur.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND application_name = 'conveyor-relay' AND query LIKE 'LISTEN%%'"
-                )
-                row = cur.fetchone()
-                return row is not None and row[0] >= 1
-
-        wait_for(listening, timeout=15, interval=0.1, what="the relay to LISTEN")
-        # Each of these is published on its COMMIT's notification: the next poll is two minutes away.
         single = submit(api, {"type": "noop"})
-        assert api.wait_status(single, "succeeded", timeout=10)["attempts"] == 1
         response = api.session.post(f"{api.base_url}/v1/jobs/batch", json={"jobs": [{"type": "noop"}] * 50},
                                     timeout=30)  # fmt: skip
         assert response.status_code == 200, response.text
-        for result in response.json()["results"]:
-            api.wait_status(result["job"]["id"], "succeeded", timeout=10)
+        ids = [single] + [r["job"]["id"] for r in response.json()["results"]]
+
+        def rows_left() -> int:
+            with pg(dsn) as cur:
+                cur.execute("SELECT count(*) FROM outbox WHERE job_id = ANY(%s::uuid[])", (ids,))
+                row = cur.fetchone()
+                assert row is not None
+                return int(row[0])
+
+        # Published inline, confirmed, then deleted by the API's background thread within ~50 ms.
+        wait_for(lambda: rows_left() == 0, timeout=5, interval=0.05, what="the API to delete its outbox rows")
+        for job_id in (ids[0], ids[-1]):
+            api.wait_status(job_id, "succeeded")
     finally:
-        slow.stop()
         relay.start()

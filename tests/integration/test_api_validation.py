@@ -28,7 +28,7 @@ PROBLEM = "application/problem+json"
 def app(settings: Settings, database: str, rabbitmq: str) -> Iterator[Flask]:
     app = create_app(settings)
     yield app
-    services_of(app).db.close()
+    services_of(app).publisher.close()
 
 
 def services_of(app: Flask) -> Services:

@@ -43,7 +43,7 @@ def insert(db: Database, count: int) -> list[uuid.UUID]:
 
     def write(cur: Cursor) -> None:
         for job_id in ids:
-            job_store.insert_job(cur, job_id, "default", NOOP, max_active_jobs=10**6)
+            job_store.insert_job(cur, job_id, "default", NOOP, max_active_jobs=10**6, outbox_grace_seconds=0)
 
     db.run(write)
     return ids

@@ -24,7 +24,7 @@ def make_app(settings: Settings, **changes: object) -> Iterator[Flask]:
     app = create_app(dataclasses.replace(settings, **changes))
     yield app
     services: Services = app.extensions[EXTENSION]
-    services.db.close()
+    services.publisher.close()
     services.db.close()
 
 

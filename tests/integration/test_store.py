@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 from support import pg
 
-from shared.errors import IllegalTransition, StoreUnavailable
+from shared.errors import IllegalTransition
 from shared.jobs import TRANSITIONS, JobError, JobStatus, NewJob, transition_rows
 from shared.settings import Settings
 from shared.store import Database
@@ -21,7 +21,6 @@ from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
 from shared.store.db import Cursor
 from shared.store.migrate import migrate
-from worker_service.relay import OUTBOX_CHANNEL
 
 ERROR = JobError("Boom", "It broke", "details", 1)
 TENANT = "default"
@@ -49,7 +48,7 @@ def insert_job(cur: Cursor, job_id: uuid.UUID, new: NewJob, **kwargs: Any) -> An
 
 def insert(db: Database, **overrides: object) -> uuid.UUID:
     job_id = uuid.uuid4()
-    db.run(lambda cur: insert_job(cur, job_id, new_job(**overrides)))
+    db.run(lambda cur: insert_job(cur, job_id, new_job(**overrides), outbox_grace_seconds=0))
     return job_id
 
 
@@ -219,58 +218,16 @@ def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> No
     assert claim(db, job_id) == attempt_store.NotClaimable(JobStatus.RETRYING, due_later=True)
 
 
-def test_a_leased_outbox_row_is_not_handed_out_twice(db: Database) -> None:
+def test_outbox_leaves_fresh_rows_to_their_writer_then_takes_them(db: Database) -> None:
     job_id = uuid.uuid4()
-    db.run(lambda cur: insert_job(cur, job_id, new_job()))
+    db.run(lambda cur: insert_job(cur, job_id, new_job(), outbox_grace_seconds=0.5))
+    taken = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
+    assert job_id not in {d.job_id for d in taken}
+    time.sleep(0.6)
     taken = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
     assert job_id in {d.job_id for d in taken}
     again = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
     assert job_id not in {d.job_id for d in again}, "a leased row must not be handed out twice"
-
-
-def test_a_due_outbox_row_wakes_the_listener_at_commit_and_only_then(db: Database) -> None:
-    listener = db.listener(OUTBOX_CHANNEL)
-    try:
-        listener.wait(0)  # connects and LISTENs
-        assert not listener.wait(0.2), "nothing was inserted yet"
-
-        def insert_then_look(cur: Cursor) -> bool:
-            insert_job(cur, uuid.uuid4(), new_job())
-            return listener.wait(0.2)
-
-        assert not db.run(insert_then_look), "notified before COMMIT"
-        assert listener.wait(2), "a due row inserted and committed notifies"
-        db.run(lambda cur: insert_job(cur, uuid.uuid4(), new_job(delay_seconds=3600)))
-        assert not listener.wait(0.2), "a row due in an hour wakes nobody now"
-
-        def insert_then_fail(cur: Cursor) -> None:
-            insert_job(cur, uuid.uuid4(), new_job())
-            raise RuntimeError("rolled back")
-
-        with pytest.raises(RuntimeError):
-            db.run(insert_then_fail)
-        assert not listener.wait(0.2), "a rolled-back insert notifies nobody"
-    finally:
-        listener.close()
-
-
-def test_the_listener_reconnects_after_losing_its_connection(db: Database, dsn: str) -> None:
-    listener = db.listener(OUTBOX_CHANNEL)
-    try:
-        listener.wait(0)
-        with pg(dsn) as cur:  # what a Postgres restart or a failover does to the connection
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND query LIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
-            )
-            assert cur.fetchall() == [(True,)]
-        with pytest.raises(StoreUnavailable):
-            listener.wait(2)
-        assert listener.wait(0), "reconnected: the caller must look for work it may have missed"
-        db.run(lambda cur: insert_job(cur, uuid.uuid4(), new_job()))
-        assert listener.wait(2), "and it LISTENs again"
-    finally:
-        listener.close()
 
 
 def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> None:
@@ -278,7 +235,7 @@ def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> N
     for key in (live, expired):
         record = job_store.IdempotencyRecord(key, "fp", 3600, 202)
         db.run(lambda cur, r=record: insert_job(  # type: ignore[misc]
-            cur, uuid.uuid4(), new_job(), idempotency=r))  # fmt: skip
+            cur, uuid.uuid4(), new_job(), outbox_grace_seconds=0, idempotency=r))  # fmt: skip
     with pg(dsn) as cur:
         cur.execute(
             "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s", (expired,)
