@@ -1,7 +1,7 @@
 """The relay: publishes the outbox to RabbitMQ and keeps the job table honest.
 
 Each round it
-1. leases due outbox rows (new jobs the API could not publish, scheduled jobs whose time came, retries
+1. takes due outbox rows (new jobs the API could not publish, scheduled jobs whose time came, retries
    whose backoff is over), publishes them with publisher confirms and deletes the confirmed ones;
 2. retries or fails running jobs whose lease lapsed (their worker is gone), but only once Postgres has
    been reachable for a whole lease period: after an outage (or at the relay's start) the workers first
@@ -10,8 +10,9 @@ Each round it
 4. every minute, purges expired idempotency keys and prunes finished jobs past
    ``CONVEYOR_RETENTION_SECONDS``, in batches of a few hundred rows, at most a few batches a round.
 
-Several relays may run at once: rows are leased with ``FOR UPDATE SKIP LOCKED``. A duplicate publish
-(a relay dying between publish and delete) is harmless, because the worker's claim runs a job once.
+Several relays may run at once: a relay locks the rows it publishes with ``FOR UPDATE SKIP LOCKED``
+for the length of one transaction. A duplicate publish (a relay dying between publish and commit,
+which leaves its rows due at once) is harmless, because the worker's claim runs a job once.
 
 Run it with ``conveyor relay`` (``python -m worker_service.relay``); SIGTERM or Ctrl-C stops it after
 the current round.
@@ -36,14 +37,12 @@ from shared.store import attempts as attempt_store
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
+from shared.store.db import Cursor
 from worker_service import relay_metrics
 from worker_service.dead_letters import DeadLetterFiler
 
 logger = logging.getLogger(__name__)
 
-#: How long a relay holds the rows it is publishing. Generous: a batch normally takes milliseconds, and
-#: a relay that dies mid-batch only delays those rows by this much.
-OUTBOX_LEASE_SECONDS = 30.0
 #: Pruning runs once a minute, in batches small enough that each DELETE holds its row locks for
 #: milliseconds, and stops after a few batches so publishing is never delayed for long.
 PRUNE_INTERVAL_SECONDS = 60.0
@@ -110,29 +109,32 @@ class Relay:
                 break
 
     def _publish_due(self, report: RoundReport) -> None:
+        """Take, publish and delete one batch of due rows in one transaction: the rows stay locked
+        while their messages are published, and a relay that dies meanwhile leaves them due at once."""
         batch = self._settings.relay_batch_size
-        due = self._db.execute(
-            lambda cur: outbox_store.lease_due(cur, limit=batch, lease_seconds=OUTBOX_LEASE_SECONDS)
-        )
-        if not due:
+        retry_in = self._settings.publish_backoff_seconds
+
+        def work(cur: Cursor) -> tuple[int, int]:
+            due = outbox_store.take_due(cur, limit=batch)
+            if not due:
+                return 0, 0
+            confirmed = {d.outbox_id for d in self._publisher.publish_all(due) if d.outbox_id is not None}
+            unpublished = [
+                d.outbox_id for d in due if d.outbox_id is not None and d.outbox_id not in confirmed
+            ]
+            outbox_store.delete_published(cur, list(confirmed))
+            outbox_store.record_publish_error(cur, unpublished, "broker unavailable", retry_in)
+            return len(confirmed), len(unpublished)
+
+        report.published, report.failed_publishes = self._db.run(work)
+        if not report.published and not report.failed_publishes:
             return
-        published = self._publisher.publish_all(due)
-        published_ids = [d.outbox_id for d in published if d.outbox_id is not None]
-        self._db.execute(lambda cur: outbox_store.delete_published(cur, published_ids))
-        report.published = len(published)
-        relay_metrics.OUTBOX_PUBLISHED.inc(len(published))
-        confirmed = set(published_ids)
-        unpublished = [d.outbox_id for d in due if d.outbox_id is not None and d.outbox_id not in confirmed]
-        if unpublished:
+        relay_metrics.OUTBOX_PUBLISHED.inc(report.published)
+        if report.failed_publishes:
             relay_metrics.OUTBOX_PUBLISH_FAILURES.inc()
-            report.failed_publishes = len(unpublished)
-            retry_in = self._settings.publish_backoff_seconds
-            self._db.execute(
-                lambda cur: outbox_store.record_publish_error(
-                    cur, unpublished, "broker unavailable", retry_in
-                )
-            )
-        logger.info("published %d outbox message(s), %d left for later", len(published), len(unpublished))
+        logger.info(
+            "published %d outbox message(s), %d left for later", report.published, report.failed_publishes
+        )
 
     def _beat(self) -> None:
         """Touch the heartbeat file (a round came round, even if Postgres was down in the last one)."""

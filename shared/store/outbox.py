@@ -8,33 +8,33 @@ from shared.messages import Dispatch
 from shared.store.db import Cursor
 
 
-def lease_due(cur: Cursor, *, limit: int, lease_seconds: float) -> list[Dispatch]:
-    """Take up to ``limit`` due rows for ``lease_seconds`` and return what to publish.
+def take_due(cur: Cursor, *, limit: int) -> list[Dispatch]:
+    """Lock up to ``limit`` due rows for the caller's transaction and return what to publish, oldest
+    first.
 
-    Rows held by another publisher (the API that just wrote them, or another relay) are skipped. A
-    row whose publish fails simply comes due again when its lease ends: that is the relay's backoff.
+    The caller publishes them, then deletes the confirmed ones (``delete_published``) and backs off the
+    others (``record_publish_error``) before it commits. Rows another relay holds are skipped, and so
+    are rows whose ``locked_until`` is still ahead: fresh rows the API that wrote them is publishing
+    (its grace period), and rows backing off after a failed publish. If the caller dies first, its
+    transaction ends and the rows are due again at once.
+
+    The transaction does not wait for its commit to reach the disk: losing the DELETE to a Postgres
+    crash only means the rows are published again, and the worker's claim ignores the copies.
     """
     cur.execute(
         """
-        WITH due AS (
-            SELECT id FROM outbox
-            WHERE available_at <= now() AND (locked_until IS NULL OR locked_until <= now())
-            ORDER BY available_at
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED
-        )
-        UPDATE outbox SET locked_until = now() + %(lease)s * interval '1 second',
-                          publish_attempts = publish_attempts + 1
-        FROM due, jobs
-        WHERE outbox.id = due.id AND jobs.id = outbox.job_id
-        RETURNING outbox.id, jobs.id, jobs.type, jobs.queue, jobs.priority, jobs.request_id,
-                  outbox.available_at
+        SET LOCAL synchronous_commit = off;
+        SELECT outbox.id, jobs.id, jobs.type, jobs.queue, jobs.priority, jobs.request_id
+        FROM outbox JOIN jobs ON jobs.id = outbox.job_id
+        WHERE outbox.available_at <= now() AND (outbox.locked_until IS NULL OR outbox.locked_until <= now())
+        ORDER BY outbox.available_at
+        LIMIT %(limit)s
+        FOR UPDATE OF outbox SKIP LOCKED
         """,
-        {"limit": limit, "lease": lease_seconds},
+        {"limit": limit},
     )
-    rows = sorted(cur.fetchall(), key=lambda row: row[6])
     return [Dispatch(job_id, job_type, queue, priority, outbox_id, request_id)
-            for outbox_id, job_id, job_type, queue, priority, request_id, _ in rows]  # fmt: skip
+            for outbox_id, job_id, job_type, queue, priority, request_id in cur.fetchall()]  # fmt: skip
 
 
 def delete_published(cur: Cursor, outbox_ids: Sequence[int]) -> None:
@@ -47,7 +47,8 @@ def record_publish_error(cur: Cursor, outbox_ids: Sequence[int], error: str, ret
     """Note why rows were not published and make them due again after ``retry_in_seconds``."""
     if outbox_ids:
         cur.execute(
-            "UPDATE outbox SET last_error = %s, locked_until = now() + %s * interval '1 second' "
+            "UPDATE outbox SET last_error = %s, locked_until = now() + %s * interval '1 second', "
+            "publish_attempts = publish_attempts + 1 "
             "WHERE id = ANY(%s)",
             (error[:1000], retry_in_seconds, list(outbox_ids)),
         )

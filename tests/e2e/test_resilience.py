@@ -105,6 +105,52 @@ def test_submit_while_rabbitmq_is_unreachable_is_accepted_and_runs_later(
     assert outbox_rows(dsn, job_id) == 0
 
 
+def test_relay_killed_while_publishing_loses_no_job_and_runs_none_twice(
+    api_without_broker: ApiClient, worker: ServiceProcess, relay: ServiceProcess, broker_url: str, dsn: str
+) -> None:
+    """SIGKILL the relay in the middle of a backlog: the batch it was publishing is due again as soon
+    as its transaction ends (some of its messages are then published twice), and the rows it never
+    reached wait for the next relay. The API cannot reach RabbitMQ here, so the relay publishes all."""
+    worker.stop()
+    backlog = str(uuid.uuid4())
+
+    def submit_batch() -> None:
+        response = api_without_broker.session.post(
+            f"{api_without_broker.base_url}/v1/jobs/batch",
+            json={"jobs": [{"type": "noop", "labels": {"backlog": backlog}}] * 500},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+
+    for _ in range(2):
+        submit_batch()
+    wait_for(lambda: queue_counts(broker_url, QUEUE)[0] > 0, timeout=30, interval=0.01,
+             what="the relay to start publishing")  # fmt: skip
+    relay.kill()
+    for _ in range(2):  # committed while no relay runs
+        submit_batch()
+
+    def backlog_jobs() -> tuple[int, int, int, int]:
+        with pg(dsn) as cur:
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'succeeded'), COALESCE(max(attempts), 0),"
+                " (SELECT count(*) FROM outbox o JOIN jobs j ON j.id = o.job_id WHERE j.labels @> %s)"
+                " FROM jobs WHERE labels @> %s",
+                (f'{{"backlog": "{backlog}"}}',) * 2,
+            )
+            row = cur.fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+    total, _, _, waiting = backlog_jobs()
+    assert total == 2000
+    assert waiting >= 1000, "the jobs submitted after the kill wait in the outbox"
+    relay.start()
+    worker.start_worker(broker_url)
+    wait_for(lambda: backlog_jobs()[1:] == (2000, 1, 0), timeout=90, interval=0.5,
+             what="every job of the backlog to run once and the outbox to empty")  # fmt: skip
+
+
 @pytest.mark.broker_restart
 def test_rabbitmq_restart_loses_no_job(conveyor: ApiClient, broker_url: str) -> None:
     before = submit(conveyor, {"type": "demo.sleep", "payload": {"seconds": 0}, "delay_seconds": 1})

@@ -218,16 +218,50 @@ def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> No
     assert claim(db, job_id) == attempt_store.NotClaimable(JobStatus.RETRYING, due_later=True)
 
 
+def due_ids(db: Database) -> set[uuid.UUID]:
+    return {d.job_id for d in db.run(lambda cur: outbox_store.take_due(cur, limit=1000))}
+
+
 def test_outbox_leaves_fresh_rows_to_their_writer_then_takes_them(db: Database) -> None:
     job_id = uuid.uuid4()
     db.run(lambda cur: insert_job(cur, job_id, new_job(), outbox_grace_seconds=0.5))
-    taken = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
-    assert job_id not in {d.job_id for d in taken}
+    assert job_id not in due_ids(db)
     time.sleep(0.6)
-    taken = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
-    assert job_id in {d.job_id for d in taken}
-    again = db.execute(lambda cur: outbox_store.lease_due(cur, limit=1000, lease_seconds=30))
-    assert job_id not in {d.job_id for d in again}, "a leased row must not be handed out twice"
+    assert job_id in due_ids(db)
+
+
+def test_a_taken_outbox_row_is_skipped_by_others_until_its_transaction_ends(
+    db: Database, settings: Settings
+) -> None:
+    job_id = uuid.uuid4()
+    db.run(lambda cur: insert_job(cur, job_id, new_job(), outbox_grace_seconds=0))
+    other = Database(settings)
+    try:
+
+        def take_while_held(cur: Cursor) -> tuple[set[uuid.UUID], set[uuid.UUID]]:
+            mine = {d.job_id for d in outbox_store.take_due(cur, limit=1000)}
+            return mine, due_ids(other)
+
+        mine, theirs = db.run(take_while_held)
+        assert job_id in mine
+        assert job_id not in theirs, "a row one relay holds is not handed to another"
+        assert job_id in due_ids(other), "a relay that ended without a DELETE leaves its rows due at once"
+    finally:
+        other.close()
+
+
+def test_a_row_whose_publish_failed_waits_for_the_backoff(db: Database) -> None:
+    job_id = uuid.uuid4()
+    db.run(lambda cur: insert_job(cur, job_id, new_job(), outbox_grace_seconds=0))
+
+    def fail(cur: Cursor) -> None:
+        [taken] = [d for d in outbox_store.take_due(cur, limit=1000) if d.job_id == job_id]
+        outbox_store.record_publish_error(cur, [taken.outbox_id], "broker unavailable", 0.5)
+
+    db.run(fail)
+    assert job_id not in due_ids(db)
+    time.sleep(0.6)
+    assert job_id in due_ids(db)
 
 
 def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> None:
