@@ -76,8 +76,8 @@ typecheck: install ## mypy (strict) over the three packages
 	$(BIN)/mypy
 
 # Benchmark tools (celery, flower, py-spy) are the `bench` extra; wrk comes from the system (apt-get install wrk).
-bench: install ## Benchmark vs raw dramatiq/Celery, write docs/performance.md (SCALE=1: 1M finished jobs; PROFILE=1)
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev,bench]' && $(BIN)/python -m bench $(if $(SCALE),--scale 1000000) $(if $(PROFILE),--profile)
+bench: install ## Benchmark vs raw dramatiq/Celery, write docs/performance.md (SCALE=1: 1M finished jobs; PROFILE=1; REPEAT=N rounds)
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev,bench]' && $(BIN)/python -m bench $(if $(SCALE),--scale 1000000) $(if $(PROFILE),--profile) $(if $(REPEAT),--repeat $(REPEAT))
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .run *.egg-info

@@ -7,9 +7,11 @@ after the other) and the tail, the same way for every subject.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -42,14 +44,24 @@ WARM_UP = 20
 
 @dataclass
 class Measurements:
-    """Every figure of the table, by key; None until measured. ``notes`` explain odd figures."""
+    """Every figure of the table, by key; None until measured. ``notes`` explain odd figures.
+
+    A figure measured in several rounds (``--repeat``) keeps every round's value in ``samples``, in
+    round order; ``values`` holds their median (NaN, an error, only if every round failed)."""
 
     values: dict[str, float | None] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
     def put(self, key: str, value: float | None) -> None:
-        self.values[key] = value
+        if value is None:
+            self.values[key] = None
+            return
+        samples = self.samples.setdefault(key, [])
+        samples.append(value)
+        measured = [v for v in samples if not math.isnan(v)]
+        self.values[key] = statistics.median(measured) if measured else math.nan
 
     def rss(self, key: str, peaks: dict[int, float]) -> None:
         if peaks:

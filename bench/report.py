@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -100,12 +101,36 @@ def _fmt(value: float | None) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
+def _ratio(m: Measurements, numerator: str, denominator: str) -> float | None:
+    """The ratio of two figures: the median of the per-round ratios when both were measured in the same
+    rounds (each pair ran minutes apart at most, so a machine that speeds up or slows down during the
+    run moves both), else the ratio of their medians."""
+    tops, bottoms = m.samples.get(numerator, []), m.samples.get(denominator, [])
+    pairs = [(t, b) for t, b in zip(tops, bottoms, strict=False) if b and not math.isnan(t + b)]
+    if len(tops) == len(bottoms) > 1 and pairs:
+        return statistics.median(t / b for t, b in pairs)
+    return None
+
+
+def _spread(samples: list[float]) -> str:
+    """ " (low-high of N)" for a figure measured in several rounds."""
+    measured = [v for v in samples if not math.isnan(v)]
+    if len(measured) < 2:
+        return ""
+    return f" ({_fmt(min(measured))}-{_fmt(max(measured))} in {len(measured)})"
+
+
 def target_rows(m: Measurements) -> list[tuple[str, str, str]]:
     """(target, measured, met / not met / not run) for each target."""
     rows = []
     for target in TARGETS:
         top = m.values.get(target.numerator)
         bottom = m.values.get(target.denominator) if target.denominator else 1.0
+        paired = _ratio(m, target.numerator, target.denominator) if target.denominator else None
+        if paired is not None:
+            met = paired >= target.bound if target.at_least else paired <= target.bound
+            rows.append((target.what, f"{paired:.2f} x", "met" if met else "**not met**"))
+            continue
         if top is None or bottom is None:
             rows.append((target.what, "not run", "not run"))
             continue
@@ -126,7 +151,7 @@ def table(m: Measurements, *, batch: int, rate: float, scale: int) -> str:
     lines = ["| measurement | value | unit |", "|---|---:|---|"]
     for key, what, unit in ROWS:
         label = what.format(batch=batch, rate=rate, scale=scale or 1_000_000)
-        lines.append(f"| {label} | {_fmt(m.values.get(key))} | {unit} |")
+        lines.append(f"| {label} | {_fmt(m.values.get(key))}{_spread(m.samples.get(key, []))} | {unit} |")
     lines += ["", "| target (issue 8) | this run | |", "|---|---:|---|"]
     lines += [f"| {what} | {shown} | {verdict} |" for what, shown, verdict in target_rows(m)]
     return "\n".join(lines)

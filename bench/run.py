@@ -41,6 +41,7 @@ class Options:
     output: Path
     json: Path | None
     only: frozenset[str]
+    repeat: int = 1
 
 
 def parse(argv: list[str]) -> Options:
@@ -60,12 +61,21 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the drain, submit and latency groups this many times, in rounds, and report the"
+        " medians (ratios: the median of each round's ratio); the scale rows run once",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         choices=GROUPS,
         help="run only this group of measurements (repeatable); the others are left out of the table",
     )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     return Options(
         args.jobs,
         args.seconds,
@@ -77,6 +87,7 @@ def parse(argv: list[str]) -> Options:
         args.output,
         args.json,
         frozenset(args.only or GROUPS),
+        args.repeat,
     )
 
 
@@ -105,7 +116,13 @@ def main(argv: list[str]) -> int:
     if options.json:
         options.json.write_text(
             json.dumps(
-                {"rows": [key for key, _, _ in report.ROWS], "values": m.values, "notes": m.notes}, indent=2
+                {
+                    "rows": [key for key, _, _ in report.ROWS],
+                    "values": m.values,
+                    "samples": m.samples,
+                    "notes": m.notes,
+                },
+                indent=2,
             )
         )
     print(f"written to {options.output}")
@@ -131,36 +148,10 @@ def _phases(subjects: Subjects, o: Options, m: Measurements, profiles: list[str]
             m.put(key, value)
         print(f"  {time.monotonic() - began:.1f}s", file=sys.stderr, flush=True)
 
-    for procs, threads in ((1, 8), (2, 8)) if "drain" in o.only else ():
-        shape = f"{procs}x{threads}"
-        phase(
-            [f"drain.dramatiq.{shape}"],
-            lambda p=procs, t=threads: (phases.drain_dramatiq(subjects, o.jobs, p, t, m),),
-        )
-        phase(
-            [f"drain.celery.{shape}"],
-            lambda p=procs, t=threads: (phases.drain_celery(subjects, o.jobs, p, t, m),),
-        )
-        phase(
-            [f"drain.conveyor.{shape}"],
-            lambda p=procs, t=threads: (phases.drain_conveyor(subjects, o.jobs, p, t, m),),
-        )
-    if "submit" in o.only:
-        phase(
-            ["submit.single", "submit.batch", "submit.batch.c1"],
-            lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m),
-        )
-        phase(["submit.minimal"], lambda: (phases.submit_minimal(subjects, o.seconds, m),))
-        phase(["submit.flower"], lambda: (phases.submit_flower(subjects, o.seconds, m),))
-    if "latency" in o.only:
-        phase(
-            ["latency.conveyor.p50", "latency.conveyor.p99"],
-            lambda: phases.latency_conveyor(subjects, o.rate, o.latency_seconds, m),
-        )
-        phase(
-            ["latency.dramatiq.p50", "latency.dramatiq.p99"],
-            lambda: phases.latency_dramatiq(subjects, o.rate, o.latency_seconds, m),
-        )
+    for round_ in range(1, o.repeat + 1):
+        if o.repeat > 1:
+            print(f"round {round_} of {o.repeat}", file=sys.stderr, flush=True)
+        _groups(subjects, o, m, phase)
     if o.only & {"submit", "latency"}:
         m.put("rss.api", m.peak_rss_mb.get("api", math.nan))
     if o.only & {"drain", "latency"}:
@@ -182,6 +173,38 @@ def _phases(subjects: Subjects, o: Options, m: Measurements, profiles: list[str]
             m.notes.append(f"profiling failed: {type(exc).__name__}: {exc}")
             traceback.print_exc()
     return failed
+
+
+Phase = Callable[[list[str], Callable[[], tuple[float, ...]]], None]
+
+
+def _groups(subjects: Subjects, o: Options, m: Measurements, phase: Phase) -> None:
+    """One round of the selected groups, each subject right after the one it is compared with."""
+
+    def drain(measure: Callable[..., float], procs: int, threads: int) -> Callable[[], tuple[float, ...]]:
+        return lambda: (measure(subjects, o.jobs, procs, threads, m),)
+
+    for procs, threads in ((1, 8), (2, 8)) if "drain" in o.only else ():
+        shape = f"{procs}x{threads}"
+        phase([f"drain.dramatiq.{shape}"], drain(phases.drain_dramatiq, procs, threads))
+        phase([f"drain.celery.{shape}"], drain(phases.drain_celery, procs, threads))
+        phase([f"drain.conveyor.{shape}"], drain(phases.drain_conveyor, procs, threads))
+    if "submit" in o.only:
+        phase(
+            ["submit.single", "submit.batch", "submit.batch.c1"],
+            lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m),
+        )
+        phase(["submit.minimal"], lambda: (phases.submit_minimal(subjects, o.seconds, m),))
+        phase(["submit.flower"], lambda: (phases.submit_flower(subjects, o.seconds, m),))
+    if "latency" in o.only:
+        phase(
+            ["latency.conveyor.p50", "latency.conveyor.p99"],
+            lambda: phases.latency_conveyor(subjects, o.rate, o.latency_seconds, m),
+        )
+        phase(
+            ["latency.dramatiq.p50", "latency.dramatiq.p99"],
+            lambda: phases.latency_dramatiq(subjects, o.rate, o.latency_seconds, m),
+        )
 
 
 def _generated(
