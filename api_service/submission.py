@@ -71,18 +71,17 @@ def submit_job(
     """One self-committing statement does the checks and the insert (``job_store.submit``); the message
     is published after it. A replay reads its job in a second statement."""
     db, settings = svc.db, svc.settings
-    record = key_lock = None
+    record = None
     if idempotent is not None:
         record = job_store.IdempotencyRecord(
             idempotent.key, idempotent.fingerprint, settings.idempotency_ttl_seconds, ACCEPTED
         )
-        key_lock = key_store.lock_id(tenant, idempotent.key)
 
     def statement(job_id: uuid.UUID) -> job_store.SubmitResult:
         return db.execute(
             lambda cur: job_store.submit(
                 cur, job_id, tenant, new, limits=limits, outbox_grace_seconds=settings.outbox_grace_seconds,
-                idempotency=record, key_lock_id=key_lock, request_id=request_id,
+                idempotency=record, request_id=request_id,
             )
         )  # fmt: skip
 

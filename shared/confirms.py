@@ -18,6 +18,7 @@ connection is opened on first use, again after it was lost, and afresh in a fork
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -50,11 +51,17 @@ class _Batch:
     messages: Sequence[OutgoingMessage]
     outcome: list[bool | None] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    #: Messages not settled yet (counted, not searched for: a batch may hold hundreds).
+    unsettled: int = 0
+
+    def __post_init__(self) -> None:
+        self.unsettled = sum(o is None for o in self.outcome)
 
     def settle(self, index: int, ok: bool) -> None:
         if self.outcome[index] is None:
             self.outcome[index] = ok
-        if all(o is not None for o in self.outcome):
+            self.unsettled -= 1
+        if not self.unsettled:
             self.done.set()
 
     def fail_unsettled(self) -> None:
@@ -204,8 +211,9 @@ class ConfirmingPublisher:
     def _on_confirm(self, frame: pika.frame.Method[Any]) -> None:
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
+        # Tags are added in increasing order, so the dict's order is theirs: stop at the first one past.
         tags = (
-            [t for t in self._unsettled if t <= method.delivery_tag]
+            list(itertools.takewhile(lambda t: t <= method.delivery_tag, self._unsettled))
             if method.multiple
             else [method.delivery_tag]
         )

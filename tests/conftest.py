@@ -29,6 +29,7 @@ from support import (
     free_port,
     pg,
     wait_for,
+    written_rows,
 )
 
 #: The services started by this run keep their temporary files (Prometheus multiprocess directories,
@@ -87,6 +88,14 @@ def dsn(settings: Settings) -> str:
 @pytest.fixture(scope="session")
 def broker_url(settings: Settings) -> str:
     return settings.broker_url
+
+
+@pytest.fixture
+def unchanged_database(dsn: str) -> Iterator[None]:
+    """Assert the test leaves jobs, idempotency keys and the outbox exactly as it found them."""
+    before = written_rows(dsn)
+    yield
+    assert written_rows(dsn) == before, "a refused request wrote something"
 
 
 @pytest.fixture(scope="session")

@@ -125,11 +125,15 @@ class Executor:
         if outcome.error is None and not outcome.cancelled:
             # Written in the process's next group-commit round; this thread moves on to its next message.
             self._group.record_success(
-                job, outcome.result_json, lambda written: self._report(job, outcome, written, timer, log)
+                job,
+                outcome.result_json,
+                lambda written: self._report(
+                    job, outcome, JobStatus.SUCCEEDED if written else None, timer, log
+                ),
             )
             return
         status = self._record(job, outcome)
-        self._report(job, outcome, status is not None, timer, log, status)
+        self._report(job, outcome, status, timer, log)
         if status is JobStatus.FAILED:
             message.fail()  # dead-letter the message to the queue's XQ
 
@@ -137,15 +141,15 @@ class Executor:
         self,
         job: Job,
         outcome: Outcome,
-        written: bool,
+        status: JobStatus | None,
         timer: metrics.AttemptTimer,
         log: dict[str, Any],
-        status: JobStatus | None = JobStatus.SUCCEEDED,
     ) -> None:
-        """Metrics and logs of an attempt whose outcome was written, or discarded (``written`` False)."""
+        """Metrics and logs of an attempt: ``status`` is what its written outcome left the job in, or None
+        if the outcome was discarded (the attempt was taken over)."""
         labels = (job.type, job.queue)
         error = outcome.error
-        if not written:
+        if status is None:
             timer.finish("discarded")
             logger.warning("outcome discarded: the attempt was taken over after its lease lapsed", extra=log)
             return

@@ -30,7 +30,7 @@ from shared.jobs import (
 )
 from shared.messages import Dispatch
 from shared.store.db import Cursor, Prepared, json_param
-from shared.store.idempotency import StoredKey
+from shared.store.idempotency import StoredKey, lock_id
 from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
 
 JOB_COLUMNS = (
@@ -275,7 +275,6 @@ def submit(
     limits: TenantLimits,
     outbox_grace_seconds: float,
     idempotency: IdempotencyRecord | None,
-    key_lock_id: int | None,
     request_id: str | None,
 ) -> SubmitResult:
     """A single submission in one self-committing statement: look for the key's stored response, take
@@ -300,7 +299,7 @@ def submit(
             ),
             **bucket_params(tenant, limits, 1),
             "key": idempotency.key if idempotency else None,
-            "lock_id": key_lock_id,
+            "lock_id": lock_id(tenant, idempotency.key) if idempotency else None,
         },
     )
     row = cur.fetchone()

@@ -15,7 +15,6 @@ import pytest
 from conftest import Keys
 from flask import Flask
 from flask.testing import FlaskClient
-from support import written_rows
 
 from api_service.app import create_app
 from api_service.context import EXTENSION, Services
@@ -41,14 +40,6 @@ def client(app: Flask, keys: Keys) -> FlaskClient:
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {keys.writer}"
     return client
-
-
-@pytest.fixture
-def unchanged_database(dsn: str) -> Iterator[None]:
-    """Assert the test leaves jobs, outbox and idempotency keys exactly as it found them."""
-    before = written_rows(dsn)
-    yield
-    assert written_rows(dsn) == before
 
 
 def problem(response: Any, status: int, slug: str) -> dict[str, Any]:
