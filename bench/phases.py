@@ -7,6 +7,7 @@ after the other) and the tail, the same way for every subject.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -283,9 +284,7 @@ def drain_conveyor(
     """Submit ``jobs`` noop jobs through the batch endpoint with no worker running, then start
     ``conveyor worker`` and wait until Postgres shows them all succeeded."""
     run = subjects.run
-    run.fresh_database()
-    if prefill:
-        prefill_finished_jobs(run, prefill)
+    fresh_conveyor_database(run, prefill)
     api, base = subjects.conveyor_api()
     subjects.submit_batches(base, jobs)
     run.stop(api)
@@ -308,10 +307,10 @@ def drain_conveyor(
     return steady_rate(times)
 
 
-def prefill_finished_jobs(run: BenchRun, rows: int) -> None:
+def prefill_finished_jobs(dsn: str, rows: int) -> None:
     """Insert ``rows`` succeeded jobs (a day old, labelled so the drain ignores them), in batches, then
-    bring the table to the state it would be in after a day of traffic (vacuumed, checkpointed)."""
-    with pg(run.dsn) as cur:
+    bring the table to the state it would be in after a day of traffic (vacuumed and analysed)."""
+    with pg(dsn) as cur:
         cur.execute("SET session_replication_role = replica")  # skip the per-row triggers: a bulk load
         batch = 100_000
         for start in range(0, rows, batch):
@@ -325,10 +324,24 @@ def prefill_finished_jobs(run: BenchRun, rows: int) -> None:
                 "       FROM generate_series(%s, %s) AS g) AS s",
                 (start, min(rows, start + batch) - 1),
             )
-        # A table that has held a million finished jobs for a while is vacuumed and checkpointed: do
-        # that now, or autovacuum and the checkpointer would work through the bulk load during the
-        # measurement and the figures would show the load, not the table's size.
+        # A table that has held a million finished jobs for a while is vacuumed: do that now, or
+        # autovacuum would work through the bulk load during the measurement and the figures would show
+        # the load, not the table's size.
         cur.execute("VACUUM (ANALYZE) jobs")
+
+
+def fresh_conveyor_database(run: BenchRun, prefill: int) -> None:
+    """The run's database, empty or (``prefill`` > 0) a copy of the one with that many finished jobs
+    (built once per run), then a checkpoint.
+
+    After a checkpoint, the first change to each page writes the whole page to the WAL. Copying a
+    database checkpoints; so, for an empty one, does this, so that both sides of a scale ratio start at
+    the same point of the checkpoint cycle. The drain's jobs are then submitted before the drain
+    starts, so those page images are written before it is timed, as in a steady state where each page
+    changes many times between two checkpoints."""
+    template = run.prefilled(functools.partial(prefill_finished_jobs, rows=prefill)) if prefill else None
+    run.fresh_database(template)
+    with pg(run.dsn) as cur:
         cur.execute("CHECKPOINT")
 
 
@@ -341,9 +354,7 @@ def submit_conveyor(
     """(single submissions/s, batch jobs/s, batch jobs/s from one connection) against Conveyor's API,
     every job with its own idempotency key."""
     run = subjects.run
-    run.fresh_database()
-    if prefill:
-        prefill_finished_jobs(run, prefill)
+    fresh_conveyor_database(run, prefill)
     api, base = subjects.conveyor_api()
     tag = uuid.uuid4().hex[:8]
     single = load.run_wrk(base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds)

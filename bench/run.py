@@ -64,8 +64,8 @@ def parse(argv: list[str]) -> Options:
         "--repeat",
         type=int,
         default=1,
-        help="measure the drain, submit and latency groups this many times, in rounds, and report the"
-        " medians (ratios: the median of each round's ratio); the scale rows run once",
+        help="measure the drain, submit and latency groups (with their scale rows) this many times, in"
+        " rounds, and report the medians (ratios: the median of each round's ratio); profiles run once",
     )
     parser.add_argument(
         "--only",
@@ -156,15 +156,6 @@ def _phases(subjects: Subjects, o: Options, m: Measurements, profiles: list[str]
         m.put("rss.api", m.peak_rss_mb.get("api", math.nan))
     if o.only & {"drain", "latency"}:
         m.put("rss.worker", m.peak_rss_mb.get("worker", math.nan))
-    if o.scale:
-        phase(
-            ["scale.submit.single", "scale.submit.batch", "scale.submit.batch.c1"],
-            lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m, prefill=o.scale),
-        )
-        phase(
-            ["scale.drain.conveyor.2x8"],
-            lambda: (phases.drain_conveyor(subjects, o.jobs, 2, 8, m, prefill=o.scale),),
-        )
     if o.profile:
         try:
             profiles.extend(profile.profile_conveyor(subjects, o.jobs, o.seconds))
@@ -189,11 +180,21 @@ def _groups(subjects: Subjects, o: Options, m: Measurements, phase: Phase) -> No
         phase([f"drain.dramatiq.{shape}"], drain(phases.drain_dramatiq, procs, threads))
         phase([f"drain.celery.{shape}"], drain(phases.drain_celery, procs, threads))
         phase([f"drain.conveyor.{shape}"], drain(phases.drain_conveyor, procs, threads))
+    if "drain" in o.only and o.scale:
+        phase(
+            ["scale.drain.conveyor.2x8"],
+            lambda: (phases.drain_conveyor(subjects, o.jobs, 2, 8, m, prefill=o.scale),),
+        )
     if "submit" in o.only:
         phase(
             ["submit.single", "submit.batch", "submit.batch.c1"],
             lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m),
         )
+        if o.scale:
+            phase(
+                ["scale.submit.single", "scale.submit.batch", "scale.submit.batch.c1"],
+                lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m, prefill=o.scale),
+            )
         phase(["submit.minimal"], lambda: (phases.submit_minimal(subjects, o.seconds, m),))
         phase(["submit.flower"], lambda: (phases.submit_flower(subjects, o.seconds, m),))
     if "latency" in o.only:

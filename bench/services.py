@@ -25,6 +25,7 @@ import pika
 import psutil
 import psycopg2
 import requests
+from psycopg2 import sql
 
 from shared.store.migrate import drop_database
 
@@ -210,6 +211,8 @@ class BenchRun:
         self.procs: list[Proc] = []
         self.queues: set[str] = set()
         self.exchanges: set[str] = set()
+        #: The prefilled database (``prefilled``) that scale measurements copy, once it is built.
+        self.template: str | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -229,6 +232,8 @@ class BenchRun:
         self.procs.clear()
         with contextlib.suppress(Exception), pg(f"{PG_BASE}/postgres") as cur:
             drop_database(cur, self.database)
+            if self.template is not None:
+                drop_database(cur, self.template)
         with contextlib.suppress(Exception), amqp_channel() as channel:
             for queue in sorted(self.queues):
                 for suffix in ("", ".DQ", ".XQ"):
@@ -279,11 +284,35 @@ class BenchRun:
         env.update(overrides)
         return env
 
-    def fresh_database(self) -> None:
-        """(Re)create and migrate the run's database, with tenant "default"'s limits out of the way."""
+    def fresh_database(self, template: str | None = None) -> None:
+        """(Re)create the run's database: migrated, with tenant "default"'s limits out of the way; or, with
+        ``template``, as a copy of that database (``prefilled``)."""
         with pg(f"{PG_BASE}/postgres") as cur:
             drop_database(cur, self.database)
-        env = self.conveyor_env()
+            if template is not None:
+                # FILE_COPY copies the files (after a checkpoint) instead of WAL-logging every page.
+                cur.execute(
+                    sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY = FILE_COPY").format(
+                        sql.Identifier(self.database), sql.Identifier(template)
+                    )
+                )
+                return
+        self._migrate(self.dsn)
+
+    def prefilled(self, fill: Callable[[str], None]) -> str:
+        """The name of a migrated database that ``fill(dsn)`` filled, built on first use and kept for the
+        run, so each scale measurement starts from a copy of the same state (``fresh_database``)."""
+        if self.template is None:
+            name = f"{NAME_PREFIX}scale_{os.getpid()}"  # ends in the pid: stale ones are dropped
+            with pg(f"{PG_BASE}/postgres") as cur:
+                drop_database(cur, name)
+            self._migrate(f"{PG_BASE}/{name}")
+            fill(f"{PG_BASE}/{name}")
+            self.template = name
+        return self.template
+
+    def _migrate(self, dsn: str) -> None:
+        env = self.conveyor_env(CONVEYOR_DATABASE_URL=dsn)
         conveyor = [sys.executable, "-m", "shared.cli"]
         subprocess.run([*conveyor, "migrate"], env=env, cwd=ROOT, check=True, capture_output=True)
         limits = ["--max-active-jobs", "100000000", "--submit-rate", "1000000", "--submit-burst", "1000000"]
