@@ -65,8 +65,9 @@ _CLAIMED_COLUMNS = ", ".join("claimed." + c for c in JOB_COLUMNS.split(", "))
 
 #: The worker's common case in one statement: claim some jobs and record the success of others (their
 #: ids, attempts and results as JSON text). Claimed rows are locked in id order, so two workers claiming
-#: overlapping sets cannot deadlock. It always returns one row at least: the ids that succeeded, then
-#: the claimed job (NULLs if none was).
+#: overlapping sets cannot deadlock. It returns one row per claimed job (one row of NULLs if none was);
+#: the first row also carries the ids that succeeded. Only the first: repeated on every row, that array
+#: cost the worker more to parse than the rest of the result.
 _WRITE_ROUND = Prepared(
     "conveyor_write_round",
     f"""
@@ -84,8 +85,11 @@ _WRITE_ROUND = Prepared(
         WHERE id = ANY(%(claims)s) AND status = ANY(%(claimable)s) AND run_at <= now()
         RETURNING {JOB_COLUMNS}
     )
-    SELECT (SELECT array_agg(id) FROM succeeded), {_CLAIMED_COLUMNS}
-    FROM (SELECT 1) AS one LEFT JOIN claimed ON true
+    SELECT CASE WHEN coalesce(claimed.n, 1) = 1 THEN (SELECT array_agg(id) FROM succeeded) END,
+           {_CLAIMED_COLUMNS}
+    FROM (SELECT 1) AS one
+    LEFT JOIN (SELECT row_number() OVER () AS n, * FROM claimed) AS claimed ON true
+    ORDER BY claimed.n
     """,  # noqa: S608 - fixed fragments only
     {"claims": "uuid[]", "lease": "double precision", "claimable": "text[]", "done": "uuid[]",
      "attempts": "int[]", "results": "text[]"},

@@ -131,6 +131,25 @@ def test_duplicate_claims_in_one_round_claim_once(db: Database, dsn: str) -> Non
     assert statuses(dsn, [job_id]) == {"running": 1}
 
 
+def test_one_round_claims_several_and_reports_every_written_success(db: Database, dsn: str) -> None:
+    """The statement behind a round: several claims and several successes at once. The ids that
+    succeeded come back once, on the first row; every one must be read, and only those."""
+    to_finish, to_claim = insert(db, 4), insert(db, 3)
+    first = db.execute(lambda cur: attempt_store.write_round(cur, to_finish, 30, []))
+    running = [c.job for c in first.claims.values() if isinstance(c, attempt_store.Claimed)]
+    assert len(running) == 4
+    taken_over = running[0]
+    with pg(dsn) as cur:  # the relay moved this attempt on: its success must not be written
+        cur.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = %s", (str(taken_over.id),))
+    second = db.execute(
+        lambda cur: attempt_store.write_round(cur, to_claim, 30, [(job, '"done"') for job in running])
+    )
+    assert second.succeeded == {job.id for job in running[1:]}
+    assert all(isinstance(second.claims[job_id], attempt_store.Claimed) for job_id in to_claim)
+    assert statuses(dsn, to_finish) == {"succeeded": 3, "running": 1}
+    assert statuses(dsn, to_claim) == {"running": 3}
+
+
 def test_success_of_a_taken_over_attempt_is_reported_discarded(group: GroupCommit, db: Database) -> None:
     [job_id] = insert(db, 1)
     claim = group.claim(job_id)
