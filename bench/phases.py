@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from bench import load, stamps
+from bench import cpu, load, stamps
 from bench.services import (
     BROKER_URL,
     BenchRun,
@@ -41,6 +41,8 @@ PY = sys.executable
 API_WORKERS, API_THREADS = 2, 4
 #: Jobs sent (and run) before a latency window opens, so it does not time the first connections.
 WARM_UP = 20
+#: How often a drain is checked: often enough to catch 10% and 90% of a 10,000-job drain done.
+POLL_SECONDS = 0.02
 
 
 @dataclass
@@ -215,18 +217,31 @@ def _answers(proc: Proc, url: str) -> bool:
 
 
 def _wait_stamps(
-    directory: Path, expected: int, procs: list[Proc], timeout: float
+    directory: Path, expected: int, procs: list[Proc], timeout: float, window: cpu.DrainWindow | None = None
 ) -> list[tuple[float, float]]:
     def done() -> list[tuple[float, float]] | None:
         for proc in procs:
             proc.check_running()
         rows = stamps.read(directory)
+        if window is not None:
+            window.observe(len(rows))
         return rows if len(rows) >= expected else None
 
     result: list[tuple[float, float]] = wait_for(
-        done, timeout=timeout, interval=0.1, what=f"{expected} jobs to run"
+        done, timeout=timeout, interval=POLL_SECONDS, what=f"{expected} jobs to run"
     )
     return result
+
+
+def put_cpu(m: Measurements, key: str, per_unit: dict[str, float] | None) -> None:
+    """Record the CPU per job or request of the measurement ``key`` (``cpu.<key>.<group>``, and
+    ``cpu.<key>.all``), if its window could be read."""
+    if per_unit is None:
+        m.notes.append(f"{key}: too quick to read its CPU between {cpu.START:.0%} and {cpu.END:.0%} done")
+        return
+    for group, micros in per_unit.items():
+        m.put(f"cpu.{key}.{group}", micros)
+    m.put(f"cpu.{key}.all", sum(per_unit.values()))
 
 
 def wait_consuming(proc: Proc, queue: str, consumers: int) -> None:
@@ -257,8 +272,10 @@ def drain_dramatiq(subjects: Subjects, jobs: int, processes: int, threads: int, 
     _wait_queued(subjects.dramatiq_queue, jobs)
     directory = subjects.stamp_dir(f"dramatiq-drain-{processes}x{threads}")
     worker = subjects.dramatiq_worker(processes, threads, directory)
-    rows = _wait_stamps(directory, jobs, [worker], timeout=60 + jobs / 100)
+    window = cpu.DrainWindow(lambda: [worker.pid], jobs)
+    rows = _wait_stamps(directory, jobs, [worker], timeout=60 + jobs / 100, window=window)
     subjects.run.stop(worker)
+    put_cpu(m, f"drain.dramatiq.{processes}x{threads}", window.per_job())
     return steady_rate([ran for ran, _ in rows])
 
 
@@ -272,7 +289,9 @@ def drain_celery(subjects: Subjects, jobs: int, processes: int, threads: int, m:
     _wait_queued(subjects.celery_queue, jobs)
     directory = subjects.stamp_dir(f"celery-drain-{processes}x{threads}")
     workers = subjects.celery_workers(processes, threads, directory)
-    rows = _wait_stamps(directory, jobs, workers, timeout=60 + jobs / 100)
+    window = cpu.DrainWindow(lambda: [worker.pid for worker in workers], jobs)
+    rows = _wait_stamps(directory, jobs, workers, timeout=60 + jobs / 100, window=window)
+    put_cpu(m, f"drain.celery.{processes}x{threads}", window.per_job())
     for worker in workers:  # every job ran; Celery's shutdown of its threads pool takes 10 s, so: kill
         subjects.run.stop(worker, signal.SIGKILL)
     return steady_rate([ran for ran, _ in rows])
@@ -290,14 +309,20 @@ def drain_conveyor(
     run.stop(api)
     _wait_queued(subjects.conveyor_queue, jobs)
     worker = subjects.conveyor_worker(processes, threads)
+    window = cpu.DrainWindow(lambda: [worker.pid], jobs)
 
     def finished() -> bool:
         worker.check_running()
-        return subjects.unfinished() == 0
+        unfinished = subjects.unfinished()
+        window.observe(jobs - unfinished)
+        return unfinished == 0
 
-    wait_for(finished, timeout=120 + jobs / 50, interval=0.2, what=f"{jobs} Conveyor jobs to succeed")
+    wait_for(
+        finished, timeout=120 + jobs / 50, interval=POLL_SECONDS, what=f"{jobs} Conveyor jobs to succeed"
+    )
     m.rss("worker", worker.peak_rss_mb())
     run.stop(worker)
+    put_cpu(m, f"{'scale.' if prefill else ''}drain.conveyor.{processes}x{threads}", window.per_job())
     with pg(run.dsn) as cur:
         cur.execute(
             "SELECT extract(epoch FROM finished_at) FROM jobs"
@@ -357,7 +382,13 @@ def submit_conveyor(
     fresh_conveyor_database(run, prefill)
     api, base = subjects.conveyor_api()
     tag = uuid.uuid4().hex[:8]
+    before = cpu.read([api.pid], 0)
     single = load.run_wrk(base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds)
+    put_cpu(
+        m,
+        f"{'scale.' if prefill else ''}submit.single",
+        cpu.per_unit(before, cpu.read([api.pid], single.requests)),
+    )
     _check_errors("POST /v1/jobs", single, m)
     # Batches from one connection first: what a batch costs with no other batch around it. Then the
     # same load as the single submissions (WRK_CONNECTIONS connections); its requests still running
@@ -409,7 +440,9 @@ def submit_minimal(subjects: Subjects, seconds: float, m: Measurements) -> float
     server = run.start("minimal-flask", argv, subjects.env())
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(server, base + "/"), timeout=60, what="the minimal Flask endpoint")
+    before = cpu.read([server.pid], 0)
     result = load.run_wrk(base + "/rows", "post.lua", ['{"type":"noop"}'], seconds)
+    put_cpu(m, "submit.minimal", cpu.per_unit(before, cpu.read([server.pid], result.requests)))
     _check_errors("minimal Flask", result, m)
     run.stop(server)
     return result.requests_per_second
@@ -433,7 +466,9 @@ def submit_flower(subjects: Subjects, seconds: float, m: Measurements) -> float:
     flower = run.start("flower", argv, env)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(flower, base + "/healthcheck"), timeout=60, what="Flower")
+    before = cpu.read([flower.pid], 0)
     result = load.run_wrk(base + "/api/task/async-apply/bench.noop", "post.lua", ['{"args":[]}'], seconds)
+    put_cpu(m, "submit.flower", cpu.per_unit(before, cpu.read([flower.pid], result.requests)))
     _check_errors("Flower async-apply", result, m)
     run.stop(flower)
     purge(subjects.celery_queue)

@@ -39,6 +39,22 @@ ROWS: list[tuple[str, str, str]] = [
 ]
 SCALE_KEYS = {key for key, _, _ in ROWS if key.startswith("scale.")}
 
+#: (measurement key, what, per what) of the CPU table (``bench/cpu.py``), in order.
+CPU_ROWS: list[tuple[str, str, str]] = [
+    ("drain.dramatiq.1x8", "drain 1 x 8, raw dramatiq", "job"),
+    ("drain.celery.1x8", "drain 1 x 8, raw Celery", "job"),
+    ("drain.conveyor.1x8", "drain 1 x 8, Conveyor", "job"),
+    ("drain.dramatiq.2x8", "drain 2 x 8, raw dramatiq", "job"),
+    ("drain.celery.2x8", "drain 2 x 8, raw Celery", "job"),
+    ("drain.conveyor.2x8", "drain 2 x 8, Conveyor", "job"),
+    ("scale.drain.conveyor.2x8", "drain 2 x 8, Conveyor, {scale:,} finished jobs", "job"),
+    ("submit.single", "POST /v1/jobs, Conveyor", "request"),
+    ("scale.submit.single", "POST /v1/jobs, Conveyor, {scale:,} finished jobs", "request"),
+    ("submit.minimal", "minimal Flask + one INSERT", "request"),
+    ("submit.flower", "Flower async-apply", "request"),
+]
+CPU_COLUMNS = ("subject", "postgres", "rabbitmq", "all")
+
 
 @dataclass(frozen=True)
 class Target:
@@ -154,6 +170,24 @@ def table(m: Measurements, *, batch: int, rate: float, scale: int) -> str:
         lines.append(f"| {label} | {_fmt(m.values.get(key))}{_spread(m.samples.get(key, []))} | {unit} |")
     lines += ["", "| target (issue 8) | this run | |", "|---|---:|---|"]
     lines += [f"| {what} | {shown} | {verdict} |" for what, shown, verdict in target_rows(m)]
+    return "\n".join(lines)
+
+
+def cpu_table(m: Measurements, *, scale: int) -> str:
+    """CPU time per job (drains) or per request (submissions), in microseconds, of the subject's own
+    processes, of Postgres and of RabbitMQ; only the measurements this run made."""
+    lines = [
+        "| CPU per job or request (us) | per | subject's processes | Postgres | RabbitMQ | all three |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, what, per in CPU_ROWS:
+        cells = [m.values.get(f"cpu.{key}.{column}") for column in CPU_COLUMNS]
+        if all(cell is None for cell in cells):
+            continue
+        label = what.format(scale=scale or 1_000_000)
+        lines.append(f"| {label} | {per} | " + " | ".join(_fmt(cell) for cell in cells) + " |")
+    if len(lines) == 2:
+        return "No CPU figures were read in this run."
     return "\n".join(lines)
 
 

@@ -221,6 +221,7 @@ def _generated(
     command = "python -m bench " + shlex.join(argv) if argv else "python -m bench"
     notes = "\n".join(f"- {note}" for note in m.notes) or "- none"
     scale = "" if o.scale else "\nThe scale rows were not run (run them with `make bench SCALE=1`).\n"
+    cpu_table = report.cpu_table(m, scale=o.scale)
     profile_text = "\n\n".join(profiles) if profiles else "Not profiled in this run (`make bench PROFILE=1`)."
     return f"""
 ## Results of the last run
@@ -232,6 +233,14 @@ def _generated(
 
 {table}
 {scale}
+### Where the CPU goes
+
+CPU time per job or per request of the subject's own processes, of Postgres and of RabbitMQ, read
+from the kernel between 10% and 90% of each drain and over each whole wrk run (`bench/cpu.py`). On
+two cores, the sum bounds the rate at 2 x 8.
+
+{cpu_table}
+
 Notes of the run:
 {notes}
 

@@ -1,4 +1,5 @@
-"""The benchmark's arithmetic (no services): medians of repeated rounds and the ratios of issue 8."""
+"""The benchmark's arithmetic (no services): medians of repeated rounds, the ratios of issue 8 and the CPU
+per job or request."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import math
 
 import pytest
 
-from bench import report
-from bench.phases import Measurements
+from bench import cpu, report
+from bench.phases import Measurements, put_cpu
 from bench.run import parse
 
 
@@ -50,3 +51,48 @@ def test_repeat_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None
         parse(["--repeat", "0"])
     assert exit_.value.code == 2
     assert "--repeat must be at least 1" in capsys.readouterr().err
+
+
+def test_a_drain_window_counts_cpu_between_a_tenth_and_nine_tenths_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    used = {"subject": 1.0, "postgres": 10.0, "rabbitmq": 100.0}
+
+    def fake_read(pids: list[int], done: int) -> cpu.Reading:
+        # Every job costs 100 us in the subject, 200 us in Postgres and 50 us in RabbitMQ.
+        return cpu.Reading(
+            done,
+            {
+                "subject": used["subject"] + done * 100e-6,
+                "postgres": used["postgres"] + done * 200e-6,
+                "rabbitmq": used["rabbitmq"] + done * 50e-6,
+            },
+        )
+
+    monkeypatch.setattr(cpu, "read", fake_read)
+    window = cpu.DrainWindow(lambda: [1], total=1000)
+    for done in (0, 50, 120, 500, 950, 1000):  # first reading at 120, last at 950
+        window.observe(done)
+    assert (window.first and window.first.done, window.last and window.last.done) == (120, 950)
+    assert window.per_job() == pytest.approx({"subject": 100.0, "postgres": 200.0, "rabbitmq": 50.0})
+
+
+def test_a_drain_too_quick_to_window_has_no_cpu_figure_and_says_so() -> None:
+    window = cpu.DrainWindow(lambda: [], total=100)
+    window.observe(100)  # seen only once it was over
+    assert window.per_job() is None
+    m = Measurements()
+    put_cpu(m, "drain.dramatiq.2x8", window.per_job())
+    assert not any(key.startswith("cpu.") for key in m.values)
+    assert m.notes == ["drain.dramatiq.2x8: too quick to read its CPU between 10% and 90% done"]
+
+
+def test_cpu_table_shows_the_measured_rows_with_their_sum() -> None:
+    m = Measurements()
+    put_cpu(m, "drain.conveyor.2x8", {"subject": 270.0, "postgres": 230.0, "rabbitmq": 110.0})
+    put_cpu(m, "submit.single", {"subject": 1600.0, "postgres": 750.0, "rabbitmq": 350.0})
+    table = report.cpu_table(m, scale=0)
+    assert "| drain 2 x 8, Conveyor | job | 270 | 230 | 110 | 610 |" in table
+    assert "| POST /v1/jobs, Conveyor | request | 1,600 | 750 | 350 | 2,700 |" in table
+    assert "raw dramatiq" not in table, "rows that were not measured are left out"
+    assert report.cpu_table(Measurements(), scale=0) == "No CPU figures were read in this run."
