@@ -2,8 +2,9 @@
 per request, read from the kernel's counters (``/proc``, through psutil) around a measurement.
 
 Throughput ratios say how far apart two subjects are; these figures say why. On two cores a drain at
-2 x 8 is bound by the sum of the three, so they also bound what any change can gain. They are steadier
-than rates on a machine whose speed drifts, since they count work rather than time.
+2 x 8 is bound by the sum of the three, so they also bound what any change can gain. They count work
+rather than time, but a busier machine still moves them (cache misses, lock contention), by 10-25%
+between rounds here.
 
 A drain is counted between the first moment at least ``START`` of its jobs are done and the first
 moment at least ``END`` are (the same share as the rate), so the worker's start-up and shutdown stay out.
