@@ -15,7 +15,6 @@ servers on the machine: nothing else should run during a benchmark.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -78,7 +77,7 @@ class DrainWindow:
     """Readings at the first observation of at least ``START`` and of at least ``END`` of ``total``
     jobs done; ``observe`` is called from the loop that waits for the drain."""
 
-    def __init__(self, subject_pids: Callable[[], list[int]], total: int) -> None:
+    def __init__(self, subject_pids: list[int], total: int) -> None:
         self._pids = subject_pids
         self._total = total
         self.first: Reading | None = None
@@ -88,9 +87,9 @@ class DrainWindow:
         if self.last is not None:
             return
         if self.first is None and done >= START * self._total:
-            self.first = read(self._pids(), done)
+            self.first = read(self._pids, done)
         elif self.first is not None and done >= END * self._total:
-            self.last = read(self._pids(), done)
+            self.last = read(self._pids, done)
 
     def per_job(self) -> dict[str, float] | None:
         if self.first is None or self.last is None:

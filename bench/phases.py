@@ -246,6 +246,16 @@ def put_cpu(m: Measurements, key: str, per_unit: dict[str, float] | None) -> Non
     m.put(f"cpu.{key}.all", sum(per_unit.values()))
 
 
+def wrk_with_cpu(
+    m: Measurements, key: str, server: Proc, url: str, script: str, args: list[str], seconds: float
+) -> load.WrkResult:
+    """``load.run_wrk`` against ``server``, recording the run's CPU per request under ``key``."""
+    before = cpu.read([server.pid], 0)
+    result = load.run_wrk(url, script, args, seconds)
+    put_cpu(m, key, cpu.per_unit(before, cpu.read([server.pid], result.requests)))
+    return result
+
+
 def wait_consuming(proc: Proc, queue: str, consumers: int) -> None:
     def consuming() -> bool:
         proc.check_running()
@@ -274,7 +284,7 @@ def drain_dramatiq(subjects: Subjects, jobs: int, processes: int, threads: int, 
     _wait_queued(subjects.dramatiq_queue, jobs)
     directory = subjects.stamp_dir(f"dramatiq-drain-{processes}x{threads}")
     worker = subjects.dramatiq_worker(processes, threads, directory)
-    window = cpu.DrainWindow(lambda: [worker.pid], jobs)
+    window = cpu.DrainWindow([worker.pid], jobs)
     rows = _wait_stamps(directory, jobs, [worker], timeout=60 + jobs / 100, window=window)
     subjects.run.stop(worker)
     put_cpu(m, f"drain.dramatiq.{processes}x{threads}", window.per_job())
@@ -291,7 +301,7 @@ def drain_celery(subjects: Subjects, jobs: int, processes: int, threads: int, m:
     _wait_queued(subjects.celery_queue, jobs)
     directory = subjects.stamp_dir(f"celery-drain-{processes}x{threads}")
     workers = subjects.celery_workers(processes, threads, directory)
-    window = cpu.DrainWindow(lambda: [worker.pid for worker in workers], jobs)
+    window = cpu.DrainWindow([worker.pid for worker in workers], jobs)
     rows = _wait_stamps(directory, jobs, workers, timeout=60 + jobs / 100, window=window)
     put_cpu(m, f"drain.celery.{processes}x{threads}", window.per_job())
     for worker in workers:  # every job ran; Celery's shutdown of its threads pool takes 10 s, so: kill
@@ -311,7 +321,7 @@ def drain_conveyor(
     run.stop(api)
     _wait_queued(subjects.conveyor_queue, jobs)
     worker = subjects.conveyor_worker(processes, threads)
-    window = cpu.DrainWindow(lambda: [worker.pid], jobs)
+    window = cpu.DrainWindow([worker.pid], jobs)
 
     def finished() -> bool:
         worker.check_running()
@@ -387,13 +397,8 @@ def submit_conveyor(
     fresh_conveyor_database(run, prefill)
     api, base = subjects.conveyor_api()
     tag = uuid.uuid4().hex[:8]
-    before = cpu.read([api.pid], 0)
-    single = load.run_wrk(base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds)
-    put_cpu(
-        m,
-        f"{'scale.' if prefill else ''}submit.single",
-        cpu.per_unit(before, cpu.read([api.pid], single.requests)),
-    )
+    key = f"{'scale.' if prefill else ''}submit.single"
+    single = wrk_with_cpu(m, key, api, base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds)
     _check_errors("POST /v1/jobs", single, m)
     # Batches from one connection first: what a batch costs with no other batch around it. Then the
     # same load as the single submissions (WRK_CONNECTIONS connections); its requests still running
@@ -445,9 +450,9 @@ def submit_minimal(subjects: Subjects, seconds: float, m: Measurements) -> float
     server = run.start("minimal-flask", argv, subjects.env())
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(server, base + "/"), timeout=60, what="the minimal Flask endpoint")
-    before = cpu.read([server.pid], 0)
-    result = load.run_wrk(base + "/rows", "post.lua", ['{"type":"noop"}'], seconds)
-    put_cpu(m, "submit.minimal", cpu.per_unit(before, cpu.read([server.pid], result.requests)))
+    result = wrk_with_cpu(
+        m, "submit.minimal", server, base + "/rows", "post.lua", ['{"type":"noop"}'], seconds
+    )
     _check_errors("minimal Flask", result, m)
     run.stop(server)
     return result.requests_per_second
@@ -471,9 +476,8 @@ def submit_flower(subjects: Subjects, seconds: float, m: Measurements) -> float:
     flower = run.start("flower", argv, env)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _answers(flower, base + "/healthcheck"), timeout=60, what="Flower")
-    before = cpu.read([flower.pid], 0)
-    result = load.run_wrk(base + "/api/task/async-apply/bench.noop", "post.lua", ['{"args":[]}'], seconds)
-    put_cpu(m, "submit.flower", cpu.per_unit(before, cpu.read([flower.pid], result.requests)))
+    url = base + "/api/task/async-apply/bench.noop"
+    result = wrk_with_cpu(m, "submit.flower", flower, url, "post.lua", ['{"args":[]}'], seconds)
     _check_errors("Flower async-apply", result, m)
     run.stop(flower)
     purge(subjects.celery_queue)

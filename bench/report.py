@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bench import cpu
 from bench.phases import Measurements
 from bench.services import rabbitmq_version, scalar
 
@@ -53,7 +54,8 @@ CPU_ROWS: list[tuple[str, str, str]] = [
     ("submit.minimal", "minimal Flask + one INSERT", "request"),
     ("submit.flower", "Flower async-apply", "request"),
 ]
-CPU_COLUMNS = ("subject", "postgres", "rabbitmq", "all")
+#: The groups of ``bench/cpu.py`` and their sum (``phases.put_cpu`` records each).
+CPU_COLUMNS = (*cpu.GROUPS, "all")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def test_a_drain_window_counts_cpu_between_a_tenth_and_nine_tenths_done(
         )
 
     monkeypatch.setattr(cpu, "read", fake_read)
-    window = cpu.DrainWindow(lambda: [1], total=1000)
+    window = cpu.DrainWindow([1], total=1000)
     for done in (0, 50, 120, 500, 950, 1000):  # first reading at 120, last at 950
         window.observe(done)
     assert (window.first and window.first.done, window.last and window.last.done) == (120, 950)
@@ -78,7 +78,7 @@ def test_a_drain_window_counts_cpu_between_a_tenth_and_nine_tenths_done(
 
 
 def test_a_drain_too_quick_to_window_has_no_cpu_figure_and_says_so() -> None:
-    window = cpu.DrainWindow(lambda: [], total=100)
+    window = cpu.DrainWindow([], total=100)
     window.observe(100)  # seen only once it was over
     assert window.per_job() is None
     m = Measurements()
