@@ -83,11 +83,11 @@ def test_database_rejects_every_illegal_transition(
 ) -> None:
     job_id = insert(db)
     with pg(dsn) as cur:  # put the row in `start` behind the trigger's back
-        cur.execute("ALTER TABLE jobs DISABLE TRIGGER jobs_status_transition")
+        cur.execute("ALTER TABLE jobs DISABLE TRIGGER jobs_status_transition_on_update")
         try:
             cur.execute("UPDATE jobs SET status = %s WHERE id = %s", (start.value, str(job_id)))
         finally:
-            cur.execute("ALTER TABLE jobs ENABLE TRIGGER jobs_status_transition")
+            cur.execute("ALTER TABLE jobs ENABLE TRIGGER jobs_status_transition_on_update")
     with pytest.raises(IllegalTransition, match=f"{start.value} -> {target.value}"):
         db.execute(
             lambda cur: cur.execute("UPDATE jobs SET status = %s WHERE id = %s", (target.value, job_id))
@@ -98,8 +98,10 @@ def test_database_rejects_every_illegal_transition(
 def test_a_job_cannot_be_inserted_already_finished(dsn: str, database: str) -> None:
     with pg(dsn) as cur, pytest.raises(psycopg2.errors.CheckViolation, match="illegal job status transition"):
         cur.execute(
-            "INSERT INTO jobs (id, type, queue, status, payload, priority, max_attempts, timeout_seconds,"
-            " run_at) VALUES (gen_random_uuid(), 'noop', 'q', 'succeeded', '{}', 1, 1, 1, now())"
+            "INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,"
+            " timeout_seconds, run_at)"
+            " VALUES (gen_random_uuid(), %s, 'noop', 'q', 'succeeded', '{}', 1, 1, 1, now())",
+            (TENANT,),
         )
 
 
@@ -327,3 +329,80 @@ def test_a_waiting_job_whose_message_died_gets_a_new_one(db: Database, dsn: str)
     claimed = claim(db, job_id)
     assert isinstance(claimed, attempt_store.Claimed)
     assert not db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id)), "a running job needs none"
+
+
+def active_counts(dsn: str) -> tuple[int, int]:
+    """The tenant's active jobs: (the count the triggers keep, a recount of the rows)."""
+    with pg(dsn) as cur:
+        cur.execute("SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %s", (TENANT,))
+        kept = cur.fetchone()
+        cur.execute(
+            "SELECT count(*) FROM jobs JOIN job_statuses USING (status) WHERE tenant = %s AND is_active",
+            (TENANT,),
+        )
+        recount = cur.fetchone()
+        assert kept is not None
+        assert recount is not None
+        return int(kept[0]), int(recount[0])
+
+
+def dead_letter_jobs(dsn: str, job_ids: list[uuid.UUID]) -> set[str]:
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT job_id::text FROM dead_letters WHERE job_id = ANY(%s::uuid[])",
+            ([str(j) for j in job_ids],),
+        )
+        return {row[0] for row in cur.fetchall()}
+
+
+def test_statements_writing_many_jobs_keep_the_active_count_and_dead_letters(db: Database, dsn: str) -> None:
+    """The triggers run once per statement: every row of a batch insert, of a worker's round (claims
+    and successes in one statement), of a lease recovery, a replay and a prune must be counted."""
+    kept, recount = active_counts(dsn)
+    assert kept == recount
+    base = recount
+    rows = [job_store.NewRow(uuid.uuid4(), new_job(max_attempts=1), None) for _ in range(6)]
+    ids = [row.job_id for row in rows]
+    db.execute(
+        lambda cur: job_store.insert_jobs(cur, TENANT, rows, max_active_jobs=10**6, outbox_grace_seconds=0)
+    )
+    assert active_counts(dsn) == (base + 6, base + 6)
+
+    first = db.execute(lambda cur: attempt_store.write_round(cur, ids[:4], 30, []))
+    claimed = [first.claims[i] for i in ids[:4]]
+    assert all(isinstance(c, attempt_store.Claimed) for c in claimed)
+    jobs = [c.job for c in claimed if isinstance(c, attempt_store.Claimed)]
+    second = db.execute(
+        lambda cur: attempt_store.write_round(cur, ids[4:], 30, [(job, "null") for job in jobs[:2]])
+    )
+    assert second.succeeded == set(ids[:2])
+    assert active_counts(dsn) == (base + 4, base + 4)
+
+    with pg(dsn) as cur:  # the four running jobs' worker is lost: all out of attempts, failed together
+        cur.execute(
+            "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = ANY(%s::uuid[])",
+            ([str(i) for i in ids[2:]],),
+        )
+    failed = db.execute(
+        lambda cur: attempt_store.recover_lapsed_leases(cur, limit=100, retry_base=1, retry_cap=1)
+    )
+    assert set(ids[2:]) <= {job.id for job in failed}
+    assert active_counts(dsn) == (base, base)
+    assert dead_letter_jobs(dsn, ids) == {str(i) for i in ids[2:]}
+
+    replayed = db.execute(lambda cur: job_store.requeue_jobs(cur, "id = ANY(%(ids)s)", {"ids": ids[2:5]}))
+    assert set(replayed) == set(ids[2:5])
+    assert active_counts(dsn) == (base + 3, base + 3)
+    assert dead_letter_jobs(dsn, ids) == {str(ids[5])}
+
+    with pg(dsn) as cur:
+        cur.execute(
+            "UPDATE jobs SET finished_at = now() - interval '2 days' WHERE id = ANY(%s::uuid[])",
+            ([str(i) for i in ids[:2]],),
+        )
+    while db.execute(lambda cur: job_store.prune_finished(cur, older_than_seconds=86_400, limit=10)):
+        pass
+    assert active_counts(dsn) == (base + 3, base + 3)
+    with pg(dsn) as cur:
+        cur.execute("DELETE FROM jobs WHERE id = ANY(%s::uuid[])", ([str(i) for i in ids[2:5]],))
+    assert active_counts(dsn) == (base, base)
