@@ -247,12 +247,22 @@ def put_cpu(m: Measurements, key: str, per_unit: dict[str, float] | None) -> Non
 
 
 def wrk_with_cpu(
-    m: Measurements, key: str, server: Proc, url: str, script: str, args: list[str], seconds: float
+    m: Measurements,
+    key: str,
+    server: Proc,
+    url: str,
+    script: str,
+    args: list[str],
+    seconds: float,
+    *,
+    units_per_request: int = 1,
 ) -> load.WrkResult:
-    """``load.run_wrk`` against ``server``, recording the run's CPU per request under ``key``."""
+    """``load.run_wrk`` against ``server``, recording the run's CPU per request (or per job, with
+    ``units_per_request`` jobs in each request) under ``key``."""
     before = cpu.read([server.pid], 0)
     result = load.run_wrk(url, script, args, seconds)
-    put_cpu(m, key, cpu.per_unit(before, cpu.read([server.pid], result.requests)))
+    units = (result.requests - result.errors) * units_per_request
+    put_cpu(m, key, cpu.per_unit(before, cpu.read([server.pid], units)))
     return result
 
 
@@ -397,15 +407,20 @@ def submit_conveyor(
     fresh_conveyor_database(run, prefill)
     api, base = subjects.conveyor_api()
     tag = uuid.uuid4().hex[:8]
-    key = f"{'scale.' if prefill else ''}submit.single"
-    single = wrk_with_cpu(m, key, api, base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds)
+    prefix = "scale." if prefill else ""
+    single = wrk_with_cpu(
+        m, prefix + "submit.single", api, base + "/v1/jobs", "single.lua", [f"s{tag}"], seconds
+    )
     _check_errors("POST /v1/jobs", single, m)
     # Batches from one connection first: what a batch costs with no other batch around it. Then the
     # same load as the single submissions (WRK_CONNECTIONS connections); its requests still running
     # when wrk stops would get in the way of a measurement after it.
     alone = load.run_wrk(base + "/v1/jobs/batch", "batch.lua", [f"c{tag}", str(batch_size)], seconds, 1)
     _check_errors("POST /v1/jobs/batch, 1 connection", alone, m)
-    batch = load.run_wrk(base + "/v1/jobs/batch", "batch.lua", [f"b{tag}", str(batch_size)], seconds)
+    batch = wrk_with_cpu(
+        m, prefix + "submit.batch", api, base + "/v1/jobs/batch", "batch.lua",
+        [f"b{tag}", str(batch_size)], seconds, units_per_request=batch_size,
+    )  # fmt: skip
     _check_errors("POST /v1/jobs/batch", batch, m)
     m.rss("api", api.peak_rss_mb())
     run.stop(api)

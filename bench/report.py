@@ -51,6 +51,8 @@ CPU_ROWS: list[tuple[str, str, str]] = [
     ("scale.drain.conveyor.2x8", "drain 2 x 8, Conveyor, {scale:,} finished jobs", "job"),
     ("submit.single", "POST /v1/jobs, Conveyor", "request"),
     ("scale.submit.single", "POST /v1/jobs, Conveyor, {scale:,} finished jobs", "request"),
+    ("submit.batch", "POST /v1/jobs/batch, Conveyor", "job"),
+    ("scale.submit.batch", "POST /v1/jobs/batch, Conveyor, {scale:,} finished jobs", "job"),
     ("submit.minimal", "minimal Flask + one INSERT", "request"),
     ("submit.flower", "Flower async-apply", "request"),
 ]
