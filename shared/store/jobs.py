@@ -320,8 +320,16 @@ def get_jobs(cur: Cursor, job_ids: Sequence[uuid.UUID], tenant: str) -> dict[uui
     """The tenant's jobs among ``job_ids``, by id (missing ones are left out)."""
     if not job_ids:
         return {}
+    # One primary-key probe per id (see ``idempotency.find_live_many``): as `id = ANY(ids) AND tenant
+    # = ...`, a planner that underestimates the tenant's jobs may read all of them through
+    # jobs_by_tenant instead.
     cur.execute(
-        f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY(%s::uuid[]) AND tenant = %s",  # noqa: S608
+        f"""
+        SELECT {", ".join("j." + c for c in JOB_COLUMNS.split(", "))}
+        FROM unnest(%s::uuid[]) AS wanted(id)
+        CROSS JOIN LATERAL (SELECT * FROM jobs WHERE jobs.id = wanted.id LIMIT 1) AS j
+        WHERE j.tenant = %s
+        """,  # noqa: S608 - fixed column list only
         (list(job_ids), tenant),
     )
     return {job.id: job for job in map(job_from_row, cur.fetchall())}

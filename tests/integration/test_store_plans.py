@@ -1,0 +1,116 @@
+"""Lookups by many keys or ids probe the primary key, whatever Postgres' statistics say.
+
+A table that grows faster than autovacuum analyzes it (a new deployment, a burst of submissions) has
+statistics that say it is nearly empty. Written as ``key = ANY(keys) AND tenant = ...``, such a lookup
+was planned as a scan of all the tenant's rows, so a batch's idempotency check cost more the more keys
+the tenant held (docs/performance.md). These tests run the lookups on tables that were never analyzed
+and read, from ``auto_explain``, how many rows each step of the executed plan produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import uuid
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+from support import pg
+
+from shared.jobs import NewJob
+from shared.settings import Settings
+from shared.store import Database
+from shared.store import idempotency as key_store
+from shared.store import jobs as job_store
+from shared.store.migrate import drop_database, migrate
+
+TENANT = "default"
+ROWS = 2_000
+NOOP = NewJob(
+    type="noop", queue="default", payload={}, priority=5, max_attempts=1, timeout_seconds=60,
+    run_at=None, delay_seconds=0.0, labels={},
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def unanalyzed(settings: Settings, database: str) -> Iterator[tuple[str, list[str], list[uuid.UUID]]]:
+    """A fresh database whose ``jobs`` and ``idempotency_keys`` hold ROWS rows of one tenant and were
+    never analyzed (autovacuum is off for them); its DSN, the keys and the job ids."""
+    base = settings.database_url.rsplit("/", 1)[0]
+    name = f"conveyor_test_unanalyzed_{os.getpid()}"
+    with pg(base + "/postgres") as cur:
+        drop_database(cur, name)
+        cur.execute(f'CREATE DATABASE "{name}"')
+    fresh = dataclasses.replace(settings, database_url=f"{base}/{name}")
+    migrate(fresh)
+    with pg(fresh.database_url) as cur:
+        for table in ("jobs", "idempotency_keys", "outbox"):
+            cur.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    rows = [
+        job_store.NewRow(
+            uuid.uuid4(), NOOP, job_store.IdempotencyRecord(uuid.uuid4().hex, "f" * 64, 3600, 202)
+        )
+        for _ in range(ROWS)
+    ]
+    db = Database(fresh)
+    try:
+        db.run(
+            lambda cur: job_store.insert_jobs(
+                cur, TENANT, rows, max_active_jobs=10**6, outbox_grace_seconds=0
+            )
+        )
+    finally:
+        db.close()
+    with pg(fresh.database_url) as cur:
+        cur.execute("SELECT reltuples FROM pg_class WHERE relname IN ('jobs', 'idempotency_keys')")
+        assert {row[0] for row in cur.fetchall()} == {-1}, "the tables must never have been analyzed"
+    keys = [row.idempotency.key for row in rows if row.idempotency is not None]
+    yield fresh.database_url, keys, [row.job_id for row in rows]
+    with pg(base + "/postgres") as cur:
+        drop_database(cur, name)
+
+
+def largest_plan_step(dsn: str, lookup: object) -> int:
+    """Run ``lookup(cursor)`` and return the most rows any step of its executed plan produced."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("LOAD 'auto_explain'")
+            cur.execute("SET auto_explain.log_min_duration = 0")
+            cur.execute("SET auto_explain.log_analyze = on")
+            cur.execute("SET client_min_messages = log")  # the plans come back as notices
+            del conn.notices[:]
+            lookup(cur)  # type: ignore[operator]
+            plans = "".join(conn.notices)
+    finally:
+        conn.close()
+    produced = [int(n) for n in re.findall(r"\(actual time=[\d.]+\.\.[\d.]+ rows=(\d+)", plans)]
+    assert produced, f"no plan was logged: {plans!r}"
+    return max(produced)
+
+
+def test_finding_keys_probes_each_key_not_the_tenants_keys(
+    unanalyzed: tuple[str, list[str], list[uuid.UUID]],
+) -> None:
+    dsn, keys, _ = unanalyzed
+    wanted = [*keys[:99], "never-used"]  # a batch of 100
+    found: dict[str, key_store.StoredKey] = {}
+    steps = largest_plan_step(dsn, lambda cur: found.update(key_store.find_live_many(cur, TENANT, wanted)))
+    assert set(found) == set(keys[:99])
+    assert steps <= len(wanted), f"a step produced {steps} rows for {len(wanted)} keys"
+
+
+def test_getting_jobs_probes_each_id_not_the_tenants_jobs(
+    unanalyzed: tuple[str, list[str], list[uuid.UUID]],
+) -> None:
+    dsn, _, job_ids = unanalyzed
+    wanted = [*job_ids[:99], uuid.uuid4()]
+    with pg(dsn) as cur:
+        assert job_store.get_jobs(cur, wanted, "another-tenant") == {}, "only the tenant's own jobs"
+    found: dict[uuid.UUID, object] = {}
+    steps = largest_plan_step(dsn, lambda cur: found.update(job_store.get_jobs(cur, wanted, TENANT)))
+    assert set(found) == set(job_ids[:99])
+    assert steps <= len(wanted), f"a step produced {steps} rows for {len(wanted)} ids"
