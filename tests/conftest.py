@@ -260,6 +260,16 @@ def conveyor(api: ApiClient, worker: ServiceProcess, relay: ServiceProcess) -> A
     return api
 
 
+@pytest.fixture(autouse=True)
+def _no_consumers_in_integration_tests(request: pytest.FixtureRequest) -> None:
+    """tests/integration call the store and the group commit in-process and look at the jobs and
+    outbox rows they write, in the session's database. The session's worker and relay, if an earlier
+    test (contract, e2e) started them, would take those rows; they are stopped, and the ``worker``
+    and ``relay`` fixtures start them again for the tests that need them."""
+    if "integration" in request.node.path.relative_to(ROOT).parts:
+        ServiceProcess.stop_all("worker", "relay")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_run_tmp() -> Iterator[None]:
     yield

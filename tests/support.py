@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import pika
 import psycopg2
@@ -64,7 +64,11 @@ def wait_for(
 class ServiceProcess:
     """One Conveyor process (``python -m shared.cli <command>``) in its own process group."""
 
+    #: Every one made in this test session, for ``stop_all``.
+    made: ClassVar[list[ServiceProcess]] = []
+
     def __init__(self, command: str, env: dict[str, str]) -> None:
+        ServiceProcess.made.append(self)
         self.command = command
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -126,6 +130,13 @@ class ServiceProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @classmethod
+    def stop_all(cls, *commands: str) -> None:
+        """Stop the running processes of these commands (the fixtures that need one start it again)."""
+        for proc in cls.made:
+            if proc.command in commands and proc.running:
+                proc.stop()
 
 
 # --- Postgres --------------------------------------------------------------------------------------
