@@ -6,6 +6,7 @@ ConveyorError
 ├── JobNotFound               no job has this id                                  → 404
 ├── UnknownJobType            no job type has this name                           → 422
 ├── IllegalTransition         a status change that shared.jobs.TRANSITIONS forbids → 409
+├── MigrationBlocked          a migration could not lock its tables in time       → migrate exits 1
 ├── LimitExceeded
 │   ├── RateLimited             the tenant submits faster than its rate           → 429
 │   └── TooManyActiveJobs       the tenant has too many jobs waiting or running   → 429
@@ -42,6 +43,10 @@ class UnknownJobType(ConveyorError, LookupError):
 
 class IllegalTransition(ConveyorError):
     """A status change that the job state machine does not allow."""
+
+
+class MigrationBlocked(ConveyorError):
+    """A migration gave up waiting for its tables' locks: a long transaction holds them."""
 
 
 class LimitExceeded(ConveyorError):

@@ -15,7 +15,7 @@ import sys
 import time
 
 from shared import heartbeat, prometheus_dir
-from shared.errors import StoreUnavailable
+from shared.errors import MigrationBlocked, StoreUnavailable
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ def cmd_migrate(settings: Settings, extra: list[str]) -> int:
     except StoreUnavailable as exc:
         print(f"conveyor migrate: cannot reach Postgres at {settings.redacted_database_url()}: {exc}",
               file=sys.stderr)  # fmt: skip
+        return 1
+    except MigrationBlocked as exc:
+        print(f"conveyor migrate: {exc}", file=sys.stderr)
         return 1
     print(f"migrations applied: {', '.join(applied)}" if applied else "database schema is up to date")
     return 0
