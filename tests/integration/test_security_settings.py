@@ -44,11 +44,12 @@ def test_every_v1_operation_declares_a_scope(open_app: Flask) -> None:
 
 
 def test_auth_none_acts_as_the_default_tenant_and_says_so_loudly(
-    settings: Settings, database: str, rabbitmq: str, capsys: pytest.CaptureFixture[str]
+    settings: Settings, database: str, rabbitmq: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     apps = make_app(settings, auth="none")
     app = next(apps)
-    warning = next(line for line in capsys.readouterr().err.splitlines() if "AUTHENTICATION IS OFF" in line)
+    # Log lines go straight to file descriptor 2 (shared/logs.py), so they are captured there.
+    warning = next(line for line in capfd.readouterr().err.splitlines() if "AUTHENTICATION IS OFF" in line)
     assert '"level": "warning"' in warning
     client = app.test_client()
     response = client.post("/v1/jobs", json={"type": "noop", "delay_seconds": 3600})
