@@ -20,12 +20,8 @@ previous one, as in Postgres' own group commit.
   copy of the message could not claim it anyway; if the process dies in that moment, the lease lapses
   and the relay retries the job, exactly as for a death during the handler. The writer keeps retrying a
   success while Postgres is unreachable, and ``stop`` writes what is pending before the process exits.
-  Once written, ``on_written(True)`` runs; ``on_written(False)`` if the attempt was taken over
-  meanwhile (its lease lapsed and the relay moved the job on). These reports (metrics, the outcome's
-  log line) are not the writer's work: they wait for a worker thread that has just queued its claim
-  and would otherwise only wait for its round. The writer runs them itself only when it has no round
-  to write, one at a time, and stops as soon as a claim comes in. Run on the writer thread between
-  two rounds, they made every claim of the next round wait for them.
+  Once written, ``on_written(True)`` runs on the writer thread; ``on_written(False)`` if the attempt was
+  taken over meanwhile (its lease lapsed and the relay moved the job on).
 
 Failures, retries and cancellations are rare and keep their own single statement (``executor.py``).
 """
@@ -67,10 +63,6 @@ class _Claim:
         self.result, self.error = result, error
         self._done.release()
 
-    @property
-    def answered(self) -> bool:
-        return self.result is not None or self.error is not None
-
     def wait(self) -> ClaimResult:
         self._done.acquire()
         if self.error is not None:
@@ -97,8 +89,6 @@ class GroupCommit:
         self._stop_timeout = stop_timeout
         self._claims: list[_Claim] = []
         self._successes: list[_Success] = []
-        #: Written successes whose ``on_written`` has not run yet, with what it is to be told.
-        self._reports: list[tuple[_Success, bool]] = []
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -128,7 +118,6 @@ class GroupCommit:
                 raise RuntimeError("GroupCommit is not started")
             self._claims.append(request)
             self._wakeup.notify()
-        self._run_reports(until=request)  # while this claim's round is written
         return request.wait()
 
     def record_success(self, job: Job, result_json: str, on_written: Callable[[bool], None]) -> None:
@@ -144,10 +133,6 @@ class GroupCommit:
         deadline: float | None = None
         while True:
             with self._wakeup:
-                idle = not (self._claims or self._successes)
-            if idle:
-                self._run_reports(yield_to_claims=True)  # no worker thread is about to
-            with self._wakeup:
                 while not (self._claims or self._successes or self._stopping):
                     self._wakeup.wait()
                 claims, self._claims = self._claims, []
@@ -155,7 +140,6 @@ class GroupCommit:
                 if self._stopping and deadline is None:
                     deadline = time.monotonic() + self._stop_timeout
             if not claims and not successes:
-                self._run_reports()
                 return  # stopping, nothing left
             if self._write(claims, successes):
                 failures = 0
@@ -202,26 +186,12 @@ class GroupCommit:
                 answer = NotClaimable(JobStatus.RUNNING, due_later=False)
             seen.add(claim.job_id)
             claim.resolve(answer)
-        if successes:
-            with self._wakeup:
-                self._reports.extend((s, s.job.id in written.succeeded) for s in successes)
-        return True
-
-    def _run_reports(self, *, yield_to_claims: bool = False, until: _Claim | None = None) -> None:
-        """Run the pending ``on_written`` calls on the calling thread, one by one. The writer
-        (``yield_to_claims``) stops as soon as a claim is waiting for a round; a worker thread, as soon
-        as its own claim (``until``) is answered."""
-        while True:
-            with self._wakeup:
-                if not self._reports or (yield_to_claims and self._claims):
-                    return
-                if until is not None and until.answered:
-                    return
-                success, written = self._reports.pop(0)
+        for success in successes:
             try:
-                success.on_written(written)
+                success.on_written(success.job.id in written.succeeded)
             except Exception:
                 logger.exception("on_written failed for job %s", success.job.id)
+        return True
 
     def _give_up(self) -> None:
         """Called with the lock held."""

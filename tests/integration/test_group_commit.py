@@ -4,7 +4,6 @@ delayed successes."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -130,38 +129,6 @@ def test_duplicate_claims_in_one_round_claim_once(db: Database, dsn: str) -> Non
     assert len(refused) == 1
     assert refused[0].status.value == "running"
     assert statuses(dsn, [job_id]) == {"running": 1}
-
-
-def test_a_claim_does_not_wait_for_the_reports_of_the_round_before(db: Database) -> None:
-    """Written successes' reports (metrics, log lines) must not hold up the next round: a claim that
-    comes in while they run waits for one report at most, and every report still runs."""
-    ids = insert(db, 21)
-    group = GroupCommit(db, lease_seconds=30)
-    group.start()
-    reported: list[bool] = []
-
-    def slow_report(written: bool) -> None:
-        time.sleep(0.1)  # a slow log sink, say: 20 of them take 2 s
-        reported.append(written)
-
-    try:
-        jobs = []
-        for job_id in ids[:20]:
-            claim = group.claim(job_id)
-            assert isinstance(claim, attempt_store.Claimed)
-            jobs.append(claim.job)
-        for job in jobs:
-            group.record_success(job, "null", slow_report)
-        wait_for(lambda: len(reported) >= 1, timeout=5, what="the reports to start")
-        started = time.monotonic()
-        answer = group.claim(ids[20])
-        waited = time.monotonic() - started
-        wait_for(lambda: len(reported) == 20, timeout=10, what="every report")
-    finally:
-        group.stop()
-    assert isinstance(answer, attempt_store.Claimed)
-    assert reported == [True] * 20
-    assert waited < 0.5, f"the claim waited {waited:.1f} s for the reports of earlier rounds"
 
 
 def test_one_round_claims_several_and_reports_every_written_success(db: Database, dsn: str) -> None:
