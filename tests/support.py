@@ -153,6 +153,27 @@ def pg(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
         conn.close()
 
 
+@contextmanager
+def scratch_database(settings: Any, label: str) -> Iterator[Any]:
+    """A freshly migrated database of a test's own, ``conveyor_test_<label>_<run id>`` (a run that dies
+    leaves it to the next run's clean-up), dropped afterwards; yields ``settings`` pointing at it."""
+    import dataclasses
+
+    from shared.store.migrate import drop_database, migrate
+
+    base = settings.database_url.rsplit("/", 1)[0]
+    name = f"conveyor_test_{label}_{RUN_ID}"
+    with pg(base + "/postgres") as cur:
+        drop_database(cur, name)
+    fresh = dataclasses.replace(settings, database_url=f"{base}/{name}")
+    migrate(fresh)
+    try:
+        yield fresh
+    finally:
+        with pg(base + "/postgres") as cur:
+            drop_database(cur, name)
+
+
 def written_rows(dsn: str) -> dict[str, int]:
     """What a refused request must leave as it was: the number of jobs and of idempotency keys, and the
     last outbox id handed out (not the number of outbox rows: the API deletes published rows in the

@@ -9,21 +9,19 @@ table stays locked.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import threading
 import time
 from collections.abc import Iterator
 
 import psycopg2
 import pytest
-from support import pg
+from support import pg, scratch_database
 
 from shared.cli import processes
 from shared.errors import MigrationBlocked
 from shared.settings import Settings
 from shared.store import migrate as migrate_module
-from shared.store.migrate import drop_database, migrate, migration_files
+from shared.store.migrate import migrate, migration_files
 
 PROBE = ("9999_probe_column", "ALTER TABLE jobs ADD COLUMN probe integer")
 
@@ -31,15 +29,8 @@ PROBE = ("9999_probe_column", "ALTER TABLE jobs ADD COLUMN probe integer")
 @pytest.fixture
 def scratch(settings: Settings, database: str) -> Iterator[Settings]:
     """A freshly migrated database of its own (this test adds a column to ``jobs``)."""
-    base = settings.database_url.rsplit("/", 1)[0]
-    name = f"conveyor_test_locks_{os.getpid()}"
-    with pg(base + "/postgres") as cur:
-        drop_database(cur, name)
-    fresh = dataclasses.replace(settings, database_url=f"{base}/{name}")
-    migrate(fresh)
-    yield fresh
-    with pg(base + "/postgres") as cur:
-        drop_database(cur, name)
+    with scratch_database(settings, "locks") as fresh:
+        yield fresh
 
 
 def applied(dsn: str) -> set[str]:

@@ -9,22 +9,19 @@ and read, from ``auto_explain``, how many rows each step of the executed plan pr
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 import uuid
 from collections.abc import Iterator
 
 import psycopg2
 import pytest
-from support import pg
+from support import pg, scratch_database
 
 from shared.jobs import NewJob
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
-from shared.store.migrate import drop_database, migrate
 
 TENANT = "default"
 ROWS = 2_000
@@ -38,13 +35,11 @@ NOOP = NewJob(
 def unanalyzed(settings: Settings, database: str) -> Iterator[tuple[str, list[str], list[uuid.UUID]]]:
     """A fresh database whose ``jobs`` and ``idempotency_keys`` hold ROWS rows of one tenant and were
     never analyzed (autovacuum is off for them); its DSN, the keys and the job ids."""
-    base = settings.database_url.rsplit("/", 1)[0]
-    name = f"conveyor_test_unanalyzed_{os.getpid()}"
-    with pg(base + "/postgres") as cur:
-        drop_database(cur, name)
-        cur.execute(f'CREATE DATABASE "{name}"')
-    fresh = dataclasses.replace(settings, database_url=f"{base}/{name}")
-    migrate(fresh)
+    with scratch_database(settings, "unanalyzed") as fresh:
+        yield fill(fresh)
+
+
+def fill(fresh: Settings) -> tuple[str, list[str], list[uuid.UUID]]:
     with pg(fresh.database_url) as cur:
         for table in ("jobs", "idempotency_keys", "outbox"):
             cur.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
@@ -67,9 +62,7 @@ def unanalyzed(settings: Settings, database: str) -> Iterator[tuple[str, list[st
         cur.execute("SELECT reltuples FROM pg_class WHERE relname IN ('jobs', 'idempotency_keys')")
         assert {row[0] for row in cur.fetchall()} == {-1}, "the tables must never have been analyzed"
     keys = [row.idempotency.key for row in rows if row.idempotency is not None]
-    yield fresh.database_url, keys, [row.job_id for row in rows]
-    with pg(base + "/postgres") as cur:
-        drop_database(cur, name)
+    return fresh.database_url, keys, [row.job_id for row in rows]
 
 
 def largest_plan_step(dsn: str, lookup: object) -> int:

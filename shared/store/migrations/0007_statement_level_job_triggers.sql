@@ -54,44 +54,37 @@ BEGIN
 END
 $$;
 
--- Active jobs per tenant: one counter row per tenant and statement, on the statement's transaction's
--- shard (as in 0006), tenants in name order so that two statements cannot deadlock on them.
-CREATE FUNCTION jobs_count_active_inserted() RETURNS trigger
+-- Active jobs per tenant: the statement's rows that entered an active status, less those that left
+-- one, added to one counter row per tenant, on the transaction's shard (as in 0006), tenants in name
+-- order so that two statements cannot deadlock on them. One function for the three events: each
+-- reads only the transition tables its event has.
+CREATE FUNCTION jobs_count_active() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    tenants text[];
+    deltas bigint[];
 BEGIN
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(tenant), array_agg(delta) INTO tenants, deltas
+        FROM (SELECT n.tenant, count(*) AS delta FROM new_rows n JOIN job_statuses s USING (status)
+              WHERE s.is_active GROUP BY n.tenant) AS c;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(tenant), array_agg(delta) INTO tenants, deltas
+        FROM (SELECT o.tenant, -count(*) AS delta FROM old_rows o JOIN job_statuses s USING (status)
+              WHERE s.is_active GROUP BY o.tenant) AS c;
+    ELSE
+        SELECT array_agg(tenant), array_agg(delta) INTO tenants, deltas
+        FROM (SELECT n.tenant, sum(CASE WHEN now_s.is_active THEN 1 ELSE -1 END) AS delta
+              FROM old_rows o JOIN new_rows n ON n.id = o.id
+              JOIN job_statuses was_s ON was_s.status = o.status
+              JOIN job_statuses now_s ON now_s.status = n.status
+              WHERE was_s.is_active <> now_s.is_active
+              GROUP BY n.tenant) AS c;
+    END IF;
     INSERT INTO tenant_active_jobs AS t (tenant, shard, jobs)
-    SELECT n.tenant, (txid_current() % 16)::smallint, count(*)
-    FROM new_rows n JOIN job_statuses s ON s.status = n.status
-    WHERE s.is_active
-    GROUP BY n.tenant ORDER BY n.tenant
-    ON CONFLICT (tenant, shard) DO UPDATE SET jobs = t.jobs + EXCLUDED.jobs;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION jobs_count_active_updated() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO tenant_active_jobs AS t (tenant, shard, jobs)
-    SELECT n.tenant, (txid_current() % 16)::smallint, sum(CASE WHEN now_s.is_active THEN 1 ELSE -1 END)
-    FROM old_rows o JOIN new_rows n ON n.id = o.id
-    JOIN job_statuses was_s ON was_s.status = o.status
-    JOIN job_statuses now_s ON now_s.status = n.status
-    WHERE was_s.is_active <> now_s.is_active
-    GROUP BY n.tenant ORDER BY n.tenant
-    ON CONFLICT (tenant, shard) DO UPDATE SET jobs = t.jobs + EXCLUDED.jobs;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION jobs_count_active_deleted() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO tenant_active_jobs AS t (tenant, shard, jobs)
-    SELECT o.tenant, (txid_current() % 16)::smallint, -count(*)
-    FROM old_rows o JOIN job_statuses s ON s.status = o.status
-    WHERE s.is_active
-    GROUP BY o.tenant ORDER BY o.tenant
+    SELECT c.tenant, (txid_current() % 16)::smallint, c.delta
+    FROM unnest(tenants, deltas) AS c(tenant, delta)
+    ORDER BY c.tenant
     ON CONFLICT (tenant, shard) DO UPDATE SET jobs = t.jobs + EXCLUDED.jobs;
     RETURN NULL;
 END
@@ -126,13 +119,13 @@ CREATE TRIGGER jobs_status_transition_on_update
     FOR EACH STATEMENT EXECUTE FUNCTION jobs_check_transition();
 CREATE TRIGGER jobs_active_count_on_insert
     AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_active_inserted();
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_active();
 CREATE TRIGGER jobs_active_count_on_update
     AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_active_updated();
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_active();
 CREATE TRIGGER jobs_active_count_on_delete
     AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_active_deleted();
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count_active();
 CREATE TRIGGER jobs_dead_letters
     AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION jobs_track_dead_letters();
