@@ -67,7 +67,10 @@ _CLAIMED_COLUMNS = ", ".join("claimed." + c for c in JOB_COLUMNS.split(", "))
 #: ids, attempts and results as JSON text). Claimed rows are locked in id order, so two workers claiming
 #: overlapping sets cannot deadlock. It returns one row per claimed job (one row of NULLs if none was);
 #: the first row also carries the ids that succeeded. Only the first: repeated on every row, that array
-#: cost the worker more to parse than the rest of the result.
+#: cost the worker more to parse than the rest of the result. The successes are joined to ``jobs`` by id
+#: alone, so each is one primary-key probe: with ``jobs.id = ANY(done)`` as well, Postgres read every
+#: running job's entry in ``jobs_running_by_lease`` whenever its statistics counted few running jobs
+#: (tests/integration/test_store_plans.py).
 _WRITE_ROUND = Prepared(
     "conveyor_write_round",
     f"""
@@ -75,8 +78,7 @@ _WRITE_ROUND = Prepared(
         UPDATE jobs SET status = '{JobStatus.SUCCEEDED.value}', result = mine.result::jsonb, error = NULL,
                         finished_at = now(), updated_at = now(), lease_expires_at = NULL
         FROM unnest(%(done)s, %(attempts)s, %(results)s) AS mine(id, attempt, result)
-        WHERE jobs.id = ANY(%(done)s) AND jobs.id = mine.id AND jobs.status = '{JobStatus.RUNNING.value}'
-              AND jobs.attempts = mine.attempt
+        WHERE jobs.id = mine.id AND jobs.status = '{JobStatus.RUNNING.value}' AND jobs.attempts = mine.attempt
         RETURNING jobs.id
     ), claimed AS (
         UPDATE jobs

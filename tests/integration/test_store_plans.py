@@ -1,10 +1,11 @@
-"""Lookups by many keys or ids probe the primary key, whatever Postgres' statistics say.
+"""Lookups and updates by many keys or ids probe the primary key, whatever Postgres' statistics say.
 
 A table that grows faster than autovacuum analyzes it (a new deployment, a burst of submissions) has
 statistics that say it is nearly empty. Written as ``key = ANY(keys) AND tenant = ...``, such a lookup
 was planned as a scan of all the tenant's rows, so a batch's idempotency check cost more the more keys
-the tenant held (docs/performance.md). These tests run the lookups on tables that were never analyzed
-and read, from ``auto_explain``, how many rows each step of the executed plan produced.
+the tenant held (docs/performance.md); the worker's round read every running job to record a few
+successes. These tests run the statements on tables that were never analyzed and read, from
+``auto_explain``, how many rows each step of the executed plan produced.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from support import pg, scratch_database
 from shared.jobs import NewJob
 from shared.settings import Settings
 from shared.store import Database
+from shared.store import attempts as attempt_store
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 
@@ -39,7 +41,7 @@ def unanalyzed(settings: Settings, database: str) -> Iterator[tuple[str, list[st
         yield fill(fresh)
 
 
-def fill(fresh: Settings) -> tuple[str, list[str], list[uuid.UUID]]:
+def fill(fresh: Settings, count: int = ROWS) -> tuple[str, list[str], list[uuid.UUID]]:
     with pg(fresh.database_url) as cur:
         for table in ("jobs", "idempotency_keys", "outbox"):
             cur.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
@@ -47,7 +49,7 @@ def fill(fresh: Settings) -> tuple[str, list[str], list[uuid.UUID]]:
         job_store.NewRow(
             uuid.uuid4(), NOOP, job_store.IdempotencyRecord(uuid.uuid4().hex, "f" * 64, 3600, 202)
         )
-        for _ in range(ROWS)
+        for _ in range(count)
     ]
     db = Database(fresh)
     try:
@@ -107,3 +109,26 @@ def test_getting_jobs_probes_each_id_not_the_tenants_jobs(
     steps = largest_plan_step(dsn, lambda cur: found.update(job_store.get_jobs(cur, wanted, TENANT)))
     assert set(found) == set(job_ids[:99])
     assert steps <= len(wanted), f"a step produced {steps} rows for {len(wanted)} ids"
+
+
+def test_a_round_probes_its_jobs_not_every_running_job(settings: Settings, database: str) -> None:
+    """A worker's round records 8 successes among 10,000 running jobs and claims 8 queued ones. (On a
+    small table, reading all of it can be the cheaper plan, and Postgres may rightly choose it.)"""
+    with scratch_database(settings, "unanalyzed_round") as fresh:
+        dsn, _, job_ids = fill(fresh, 20_000)
+        running, queued = job_ids[:10_000], job_ids[10_000:]
+        with pg(dsn) as cur:  # earlier rounds claimed half of the jobs
+            attempt_store.write_round(cur, running, 300, [])
+            finished = list(job_store.get_jobs(cur, running[:8], TENANT).values())
+            cur.execute("SELECT reltuples FROM pg_class WHERE relname = 'jobs'")
+            assert cur.fetchone() == (-1,), "jobs must never have been analyzed"
+        written: list[attempt_store.Round] = []
+        steps = largest_plan_step(
+            dsn,
+            lambda cur: written.append(
+                attempt_store.write_round(cur, queued[:8], 300, [(job, "null") for job in finished])
+            ),
+        )
+        assert written[0].succeeded == {job.id for job in finished}
+        assert all(isinstance(answer, attempt_store.Claimed) for answer in written[0].claims.values())
+        assert steps <= 16, f"a step produced {steps} rows for a round of 8 claims and 8 successes"
