@@ -428,6 +428,22 @@ def submit_conveyor(
     return single.requests_per_second, _batch_rate(batch, batch_size), _batch_rate(alone, batch_size)
 
 
+def poll_conveyor(subjects: Subjects, seconds: float, m: Measurements) -> float:
+    """Requests/s of ``GET /v1/jobs/{id}`` on one job: what a client polling for a result costs."""
+    run = subjects.run
+    fresh_conveyor_database(run, 0)
+    api, base = subjects.conveyor_api()
+    created = requests.post(base + "/v1/jobs", json={"type": "noop"}, timeout=30)
+    created.raise_for_status()
+    result = wrk_with_cpu(
+        m, "poll.single", api, f"{base}/v1/jobs/{created.json()['id']}", "get.lua", [], seconds
+    )
+    _check_errors("GET /v1/jobs/{id}", result, m)
+    run.stop(api)
+    purge(subjects.conveyor_queue)
+    return result.requests_per_second
+
+
 def _batch_rate(result: load.WrkResult, batch_size: int) -> float:
     """Jobs/s answered by successful batch requests (every job of a 200 is created or replayed; the
     keys are unique, so created)."""

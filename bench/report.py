@@ -25,6 +25,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("submit.single", "submit, Conveyor POST /v1/jobs (Idempotency-Key)", "jobs/s"),
     ("submit.batch", "submit, Conveyor POST /v1/jobs/batch ({batch} per request)", "jobs/s"),
     ("submit.batch.c1", "submit, Conveyor POST /v1/jobs/batch ({batch} per request), 1 connection", "jobs/s"),
+    ("poll.single", "poll, Conveyor GET /v1/jobs/{{id}} (no target)", "requests/s"),
     ("submit.minimal", "submit, minimal Flask + one Postgres INSERT", "requests/s"),
     ("submit.flower", "submit, Flower POST /api/task/async-apply", "requests/s"),
     ("latency.conveyor.p50", "enqueue-to-start p50, Conveyor at {rate:.0f} jobs/s", "ms"),
@@ -53,6 +54,7 @@ CPU_ROWS: list[tuple[str, str, str]] = [
     ("scale.submit.single", "POST /v1/jobs, Conveyor, {scale:,} finished jobs", "request"),
     ("submit.batch", "POST /v1/jobs/batch, Conveyor", "job"),
     ("scale.submit.batch", "POST /v1/jobs/batch, Conveyor, {scale:,} finished jobs", "job"),
+    ("poll.single", "GET /v1/jobs/{{id}}, Conveyor", "request"),
     ("submit.minimal", "minimal Flask + one INSERT", "request"),
     ("submit.flower", "Flower async-apply", "request"),
 ]

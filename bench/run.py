@@ -195,6 +195,7 @@ def _groups(subjects: Subjects, o: Options, m: Measurements, phase: Phase) -> No
                 ["scale.submit.single", "scale.submit.batch", "scale.submit.batch.c1"],
                 lambda: phases.submit_conveyor(subjects, o.seconds, o.batch, m, prefill=o.scale),
             )
+        phase(["poll.single"], lambda: (phases.poll_conveyor(subjects, o.seconds, m),))
         phase(["submit.minimal"], lambda: (phases.submit_minimal(subjects, o.seconds, m),))
         phase(["submit.flower"], lambda: (phases.submit_flower(subjects, o.seconds, m),))
     if "latency" in o.only:

@@ -53,8 +53,8 @@ def test_tiny_benchmark_run_produces_a_complete_table(tmp_path: Path) -> None:
     assert not missing, f"figures missing or failed: {missing}; notes: {result['notes']}"
     # CPU per request is read over each whole wrk run, so it is there even at this size (a 100-job
     # drain may be over before its 10%-90% window can be read).
-    cpu_keys = [f"cpu.{m}.{g}" for m in ("submit.single", "submit.batch", "submit.minimal", "submit.flower")
-                for g in ("subject", "postgres", "rabbitmq", "all")]  # fmt: skip
+    measured = ("submit.single", "submit.batch", "poll.single", "submit.minimal", "submit.flower")
+    cpu_keys = [f"cpu.{m}.{g}" for m in measured for g in ("subject", "postgres", "rabbitmq", "all")]
     assert all(_is_number(result["values"].get(key)) for key in cpu_keys), result["values"]
     assert result["values"]["cpu.submit.single.subject"] > 0
     assert result["values"]["cpu.submit.batch.postgres"] > 0
