@@ -335,13 +335,18 @@ def get_jobs(cur: Cursor, job_ids: Sequence[uuid.UUID], tenant: str) -> dict[uui
     return {job.id: job for job in map(job_from_row, cur.fetchall())}
 
 
+#: What every poll of a job runs (``GET /v1/jobs/{id}``), so prepared: planned once per connection.
+_GET_JOB = Prepared(
+    "conveyor_get_job",
+    f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %(id)s"  # noqa: S608 - fixed fragments only
+    " AND (%(tenant)s IS NULL OR tenant = %(tenant)s)",
+    {"id": "uuid", "tenant": "text"},
+)
+
+
 def get_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
     """The job, if it exists and (unless ``tenant`` is None) belongs to ``tenant``."""
-    cur.execute(
-        f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = %(id)s"  # noqa: S608
-        " AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)",
-        {"id": job_id, "tenant": tenant},
-    )
+    _GET_JOB.execute(cur, {"id": job_id, "tenant": tenant})
     row = cur.fetchone()
     return job_from_row(row) if row else None
 

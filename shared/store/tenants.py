@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from shared.store.db import Cursor
+from shared.store.db import Cursor, Prepared
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,16 @@ def create_tenant(cur: Cursor, name: str) -> bool:
     return bool(cur.rowcount == 1)
 
 
+#: Read before every /v1 request when CONVEYOR_AUTH=none (the default tenant's limits).
+_GET_TENANT = Prepared(
+    "conveyor_get_tenant",
+    f"SELECT {_COLUMNS} FROM tenants WHERE name = %(name)s",  # noqa: S608 - fixed fragments only
+    {"name": "text"},
+)
+
+
 def get_tenant(cur: Cursor, name: str) -> Tenant | None:
-    cur.execute(f"SELECT {_COLUMNS} FROM tenants WHERE name = %s", (name,))  # noqa: S608
+    _GET_TENANT.execute(cur, {"name": name})
     row = cur.fetchone()
     return Tenant(*row) if row else None
 

@@ -5,7 +5,8 @@ statistics that say it is nearly empty. Written as ``key = ANY(keys) AND tenant 
 was planned as a scan of all the tenant's rows, so a batch's idempotency check cost more the more keys
 the tenant held (docs/performance.md); the worker's round read every running job to record a few
 successes. These tests run the statements on tables that were never analyzed and read, from
-``auto_explain``, how many rows each step of the executed plan produced.
+``auto_explain``, how many rows each step of the executed plan produced. The statements run for every
+request are prepared, so that Postgres plans them once per connection rather than on every request.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from support import pg, scratch_database
 from shared.jobs import NewJob
 from shared.settings import Settings
 from shared.store import Database
+from shared.store import api_keys as api_key_store
 from shared.store import attempts as attempt_store
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
+from shared.store import tenants as tenant_store
 
 TENANT = "default"
 ROWS = 2_000
@@ -132,3 +135,18 @@ def test_a_round_probes_its_jobs_not_every_running_job(settings: Settings, datab
         assert written[0].succeeded == {job.id for job in finished}
         assert all(isinstance(answer, attempt_store.Claimed) for answer in written[0].claims.values())
         assert steps <= 16, f"a step produced {steps} rows for a round of 8 claims and 8 successes"
+
+
+def test_the_statements_of_every_request_are_planned_once_per_connection(dsn: str, database: str) -> None:
+    """Authenticating a request and reading a job (every poll) run prepared statements with one generic
+    plan per connection: planning the key lookup cost Postgres more than running it."""
+    with pg(dsn) as cur:
+        for _ in range(3):
+            assert api_key_store.lookup_active(cur, "cvk_nosuchkey") is None
+            assert job_store.get_job(cur, uuid.uuid4(), TENANT) is None
+            assert tenant_store.get_tenant(cur, "no-such-tenant") is None
+        cur.execute("SELECT name, generic_plans, custom_plans FROM pg_prepared_statements")
+        plans = {name: (generic, custom) for name, generic, custom in cur.fetchall()}
+    for name in ("conveyor_lookup_active_key", "conveyor_get_job", "conveyor_get_tenant"):
+        assert name in plans, f"{name} is not prepared: {sorted(plans)}"
+        assert plans[name] == (3, 0), f"{name}: (generic, custom) plans = {plans[name]}"
