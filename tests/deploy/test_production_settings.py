@@ -20,18 +20,18 @@ from dataclasses import dataclass
 import pytest
 import requests
 from dramatiq.errors import ConnectionClosed
-from psycopg2 import sql
 from support import LOG_DIR, ROOT, RUN_ID, ApiClient, ServiceProcess, amqp_channel, free_port, pg, wait_for
 
 from shared import heartbeat
 from shared.broker import create_broker
 from shared.settings import Settings
+from shared.store.migrate import drop_database
 
 pytestmark = pytest.mark.e2e
 
 PREFIX = f"conveyor_quorum_{RUN_ID}."
 QUEUE = PREFIX + "default"
-DATABASE = f"conveyor_test_deploy_{RUN_ID}"  # dropped by a later run once this one is gone
+DATABASE = f"conveyor_test_deploy_{RUN_ID}"  # dropped at the end (by a later run if this one dies)
 DELIVERY_LIMIT = 5
 WORKER_PROCESSES = 2
 
@@ -57,11 +57,11 @@ def delete_queues(broker_url: str) -> None:
             channel.queue_delete(queue=QUEUE + suffix)
 
 
-def recreate_database(dsn: str) -> str:
+def drop_stack_database(dsn: str) -> str:
+    """Drop the stack's database if it exists (``conveyor migrate`` creates it); returns its DSN."""
     base = dsn.rsplit("/", 1)[0]
     with pg(base + "/postgres") as cur:
-        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (DATABASE,))
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(DATABASE)))
+        drop_database(cur, DATABASE)
     return f"{base}/{DATABASE}"
 
 
@@ -78,7 +78,7 @@ def stack(
     heartbeat_file = str(tmp_path_factory.mktemp("heartbeat") / "worker")
     env = {
         **service_env,
-        "CONVEYOR_DATABASE_URL": recreate_database(settings.database_url),
+        "CONVEYOR_DATABASE_URL": drop_stack_database(settings.database_url),
         "CONVEYOR_QUEUE_PREFIX": PREFIX,
         "CONVEYOR_QUEUE_TYPE": "quorum",
         "CONVEYOR_QUEUE_DELIVERY_LIMIT": str(DELIVERY_LIMIT),
@@ -121,6 +121,7 @@ def stack(
     finally:
         stop_together(processes)
         delete_queues(settings.broker_url)
+        drop_stack_database(settings.database_url)
 
 
 def stop_together(processes: list[ServiceProcess]) -> None:
