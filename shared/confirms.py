@@ -13,7 +13,9 @@ batch costs about one confirm wait, whatever its size.
 A message counts as published only when RabbitMQ acked it and did not return it as unroutable (a queue
 deleted since it was declared). Everything else (a nack, a return, the connection lost, no confirm
 within ``confirm_timeout``) is reported as not published, and its outbox row stays for the relay. The
-connection is opened on first use, again after it was lost, and afresh in a forked child.
+connection is opened on first use, again after it was lost, and afresh in a forked child. Each
+connection keeps its own channel and confirms (``_Link``), so one given up on while it was still
+opening cannot disturb the one that replaced it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,113 +84,140 @@ class ConfirmingPublisher:
         self._confirm_timeout = confirm_timeout
         self._lock = threading.Lock()
         self._pid = 0
-        self._connection: pika.SelectConnection | None = None
-        self._channel: pika.channel.Channel | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        #: Set once the current connection attempt is over, whether it worked (``_ready``) or not.
-        self._attempt_over = threading.Event()
-        # Owned by the I/O thread once the channel is open:
-        self._next_tag = 1
-        self._unsettled: dict[int, tuple[_Batch, int]] = {}
-        self._returned: set[str] = set()
+        self._link: _Link | None = None
 
     def publish(self, messages: Sequence[OutgoingMessage]) -> list[bool]:
         """Publish ``messages``; for each, whether RabbitMQ confirmed it. Never raises for broker trouble."""
         if not messages:
             return []
-        connection = self._connected()
-        if connection is None:
+        link = self._connected()
+        if link is None:
             return [False] * len(messages)
         batch = _Batch(messages, [None] * len(messages))
-        connection.ioloop.add_callback_threadsafe(lambda: self._send(batch))
+        link.call(lambda: link.send(batch))
         if not batch.done.wait(self._confirm_timeout):
             logger.warning("no confirm within %.0fs for %d messages", self._confirm_timeout, len(messages))
-            connection.ioloop.add_callback_threadsafe(lambda: self._forget(batch))
+            link.call(lambda: link.forget(batch))
             batch.done.wait(1.0)
         return [bool(o) for o in batch.outcome]
 
     def close(self) -> None:
         """Close the connection and wait (briefly) for its I/O thread to finish."""
         with self._lock:
-            connection, self._connection = self._connection, None
-            thread, self._thread = self._thread, None
-        if connection is not None and thread is not None and thread.is_alive():
-            connection.ioloop.add_callback_threadsafe(lambda: connection.is_open and connection.close())
-            thread.join(timeout=5)
+            link, self._link = self._link, None
+        if link is not None:
+            link.close(wait=5.0)
 
-    # --- the connection (opened by the first caller that needs it) ----------------------------------
+    @property
+    def _connection(self) -> pika.SelectConnection | None:
+        """The current connection (tests break it on purpose)."""
+        link = self._link
+        return link.connection if link is not None else None
 
-    def _connected(self) -> pika.SelectConnection | None:
+    def _connected(self) -> _Link | None:
+        """The open link, opened by the first caller that needs it; None if it could not be opened."""
         with self._lock:
-            if self._pid != os.getpid() or self._connection is None:
-                self._pid = os.getpid()
-                self._ready.clear()
-                self._attempt_over.clear()
-                self._connection = self._open()
-            connection = self._connection
-        self._attempt_over.wait(self._connect_timeout)
-        if not self._ready.is_set():
+            if self._pid != os.getpid() or self._link is None:
+                self._pid = os.getpid()  # a forked child never uses its parent's connection
+                self._link = _Link(self._parameters, on_closed=self._drop)
+            link = self._link
+        link.attempt_over.wait(self._connect_timeout)
+        if not link.ready.is_set():
             logger.warning("RabbitMQ publisher connection could not be opened")
-            self._drop(connection)
+            self._drop(link)
+            link.close(wait=0)  # closed once it opens, if it ever does; its callbacks touch only itself
             return None
-        return connection if self._connection is connection else None
+        return link if self._link is link else None
 
-    def _open(self) -> pika.SelectConnection:
-        connection = pika.SelectConnection(
-            self._parameters,
+    def _drop(self, link: _Link) -> None:
+        with self._lock:
+            if self._link is link:
+                self._link = None
+
+
+class _Link:
+    """One connection to RabbitMQ with its I/O thread, its channel and the confirms it awaits.
+
+    Each connection's callbacks touch only its own link. A connection given up on (it took longer than
+    ``connect_timeout`` to open) may still open or fail later, on its own thread; it can then neither
+    take over nor close the channel of the connection that replaced it, nor settle that one's messages.
+    """
+
+    def __init__(self, parameters: pika.connection.Parameters, on_closed: Callable[[_Link], None]) -> None:
+        self._on_link_closed = on_closed
+        self.ready = threading.Event()
+        #: Set once the connection attempt is over, whether it worked (``ready``) or not.
+        self.attempt_over = threading.Event()
+        self._abandoned = False
+        # Owned by the I/O thread:
+        self._channel: pika.channel.Channel | None = None
+        self._next_tag = 1
+        self._unsettled: dict[int, tuple[_Batch, int]] = {}
+        self._returned: set[str] = set()
+        self.connection = pika.SelectConnection(
+            parameters,
             on_open_callback=lambda conn: conn.channel(on_open_callback=self._on_channel_open),
-            on_open_error_callback=lambda conn, exc: self._on_closed(conn, exc),
+            on_open_error_callback=self._on_closed,
             on_close_callback=self._on_closed,
         )
-        self._thread = threading.Thread(
-            target=self._run_ioloop, args=(connection,), name="conveyor-publisher-io", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run_ioloop, name="conveyor-publisher-io", daemon=True)
         self._thread.start()
-        return connection
 
-    @staticmethod
-    def _run_ioloop(connection: pika.SelectConnection) -> None:
-        connection.ioloop.start()  # until the connection closes (see _on_closed)
-        connection.ioloop.close()
+    def call(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the I/O thread."""
+        self.connection.ioloop.add_callback_threadsafe(callback)
+
+    def close(self, wait: float) -> None:
+        """Close the connection; wait up to ``wait`` s for its I/O thread to finish.
+
+        pika cannot close a connection in the middle of its handshake (its own callbacks then fail), so
+        one still opening is left to fail on its own timeouts, or is closed as soon as it opens.
+        """
+
+        def close() -> None:
+            self._abandoned = True
+            if self.connection.is_open:
+                self.connection.close()
+
+        if self._thread.is_alive():
+            self.call(close)
+            self._thread.join(timeout=wait)
+
+    def _run_ioloop(self) -> None:
+        self.connection.ioloop.start()  # until the connection closes (see _on_closed)
+        self.connection.ioloop.close()
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        if self._abandoned:
+            self.connection.close()
+            return
         self._channel = channel
-        self._next_tag = 1
         channel.add_on_return_callback(self._on_return)
         channel.add_on_close_callback(lambda ch, exc: self._on_channel_closed(exc))
         channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _: self._opened())
 
     def _opened(self) -> None:
-        self._ready.set()
-        self._attempt_over.set()
+        self.ready.set()
+        self.attempt_over.set()
 
     def _on_channel_closed(self, exc: BaseException) -> None:
-        connection = self._connection
         logger.warning("RabbitMQ publisher channel closed: %s", exc)
         self._fail_all()
-        if connection is not None and connection.is_open:
-            connection.close()
+        if self.connection.is_open:
+            self.connection.close()
 
     def _on_closed(self, connection: pika.SelectConnection, exc: BaseException) -> None:
-        closed_by_us = isinstance(exc, pika.exceptions.ConnectionClosedByClient)
+        closed_by_us = isinstance(exc, pika.exceptions.ConnectionClosedByClient) or self._abandoned
         logger.log(
             logging.INFO if closed_by_us else logging.WARNING, "RabbitMQ publisher connection closed: %s", exc
         )
-        self._drop(connection)
-        self._attempt_over.set()
+        self.ready.clear()
+        self._on_link_closed(self)
+        self.attempt_over.set()
         self._fail_all()
         connection.ioloop.stop()
 
-    def _drop(self, connection: pika.SelectConnection | None) -> None:
-        with self._lock:
-            if self._connection is connection:
-                self._connection = None
-                self._ready.clear()
-
-    # --- on the I/O thread ---------------------------------------------------------------------------
-
-    def _send(self, batch: _Batch) -> None:
+    def send(self, batch: _Batch) -> None:
         channel = self._channel
         if channel is None or not channel.is_open:
             batch.fail_unsettled()
@@ -229,7 +258,7 @@ class ConfirmingPublisher:
                 logger.warning("RabbitMQ %s message %s", "returned" if returned else "nacked", message_id)
             batch.settle(index, acked and not returned)
 
-    def _forget(self, batch: _Batch) -> None:
+    def forget(self, batch: _Batch) -> None:
         for tag, (owner, _) in list(self._unsettled.items()):
             if owner is batch:
                 del self._unsettled[tag]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 
@@ -70,3 +74,60 @@ def test_a_lost_connection_is_reopened_on_the_next_publish(
     wait_for(lambda: publisher._connection is None, timeout=5, what="the publisher to notice")
     assert publisher.publish(messages(queue, 3)) == [True] * 3
     wait_for(lambda: queue_counts(broker_url, queue)[0] == 4, timeout=10, what="4 messages in the queue")
+
+
+class StallingProxy:
+    """A TCP proxy to RabbitMQ whose first connection is accepted and then never answered (a broker too
+    slow to finish the handshake); later ones are passed through."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.stalled: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self.stalled:
+                self.stalled.append(client)
+                continue
+            server = socket.create_connection(self._upstream)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_connection_given_up_on_while_opening_cannot_disturb_the_next_one(
+    queue: str, broker_url: str
+) -> None:
+    url = urllib.parse.urlsplit(broker_url)
+    proxy = StallingProxy((url.hostname or "127.0.0.1", url.port or 5672))
+    parameters = pika.URLParameters(url_with_defaults(broker_url))
+    parameters.port = proxy.port
+    publisher = ConfirmingPublisher(parameters, connect_timeout=1.0)
+    try:
+        assert publisher.publish(messages(queue, 1)) == [False], "the first connection never opens"
+        assert publisher.publish(messages(queue, 1)) == [True]
+        proxy.stalled[0].close()  # the first attempt, given up on, fails now, on its own thread
+        time.sleep(0.5)
+        assert [publisher.publish(messages(queue, 2)) for _ in range(3)] == [[True, True]] * 3
+        wait_for(lambda: queue_counts(broker_url, queue)[0] == 7, timeout=10, what="7 messages in the queue")
+    finally:
+        publisher.close()
+        proxy.close()
