@@ -256,12 +256,23 @@ class DeadLetterReader:
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def ack(self, messages: Sequence[DeadMessage]) -> None:
+        """Acknowledge exactly these messages (never with ``multiple``: that would also ack messages
+        taken earlier on the channel and released without being filed)."""
+        self._settle(messages, lambda channel, tag: channel.basic_ack(delivery_tag=tag))
+
+    def release(self, messages: Sequence[DeadMessage]) -> None:
+        """Give these messages back to their queue, unfiled, for a later round."""
+        self._settle(messages, lambda channel, tag: channel.basic_nack(delivery_tag=tag, requeue=True))
+
+    def _settle(self, messages: Sequence[DeadMessage], settle: Callable[[Any, int], None]) -> None:
         if not messages:
             return
         try:
-            self._broker.channel.basic_ack(delivery_tag=max(m.delivery_tag for m in messages), multiple=True)
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            del self._broker.connection
+            channel = self._broker.channel
+            for message in messages:
+                settle(channel, message.delivery_tag)
+        except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
+            del self._broker.connection  # closing the channel requeues whatever it had not acked
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -65,8 +65,14 @@ class DeadLetterFiler:
         prefix = self._settings.queue_prefix
         for queue_name in all_queue_names(prefix):
             messages = self._reader.take(queue_name, BATCH)
-            for message in messages:
-                filed += self._file(queue_name.removeprefix(prefix), message)
+            try:
+                for message in messages:
+                    filed += self._file(queue_name.removeprefix(prefix), message)
+            except BaseException:
+                # Postgres failed mid-round: every message of the round goes back to the queue (those
+                # filed already are filed again next time, and the store keeps one of each).
+                self._reader.release(messages)
+                raise
             self._reader.ack(messages)  # only once Postgres has them
         return filed
 
