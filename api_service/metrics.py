@@ -45,10 +45,6 @@ IDEMPOTENCY_CONFLICTS = Counter(
     "Submissions refused because of their Idempotency-Key.",
     ["reason"],  # in_flight (409) or reused (422)
 )
-OUTBOX_PUBLISH_FAILURES = Counter(
-    "conveyor_outbox_publish_failures_total",
-    "Publishes after COMMIT that RabbitMQ refused or did not confirm (the relay delivers those jobs).",
-)
 LIMITED = Counter("conveyor_submissions_limited_total", "Submissions refused by a tenant limit.", ["limit"])
 
 #: Route label for requests that matched no route (404s for unknown paths): one value, not the path.

@@ -23,6 +23,7 @@ import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DramatiqError
+from prometheus_client import Counter
 
 from shared.confirms import ConfirmingPublisher, OutgoingMessage
 from shared.errors import BrokerUnavailable
@@ -138,6 +139,14 @@ def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] 
         delivery_limit=settings.queue_delivery_limit,
         middleware=list(middleware),
     )
+
+
+#: One counter for every process that publishes job messages: the API (its publishes after COMMIT) and
+#: the relay (its outbox rounds) each export it, and ``sum by (job)`` tells them apart (docs/metrics.md).
+PUBLISH_FAILURES = Counter(
+    "conveyor_outbox_publish_failures_total",
+    "Publishes that RabbitMQ refused or did not confirm; their jobs stay in the outbox for the relay.",
+)
 
 
 class Publisher:

@@ -122,11 +122,18 @@ class JobError:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "type": self.type,
-            "title": self.title,
-            "detail": self.detail[: self.MAX_DETAIL],
+            "type": storable_text(self.type),
+            "title": storable_text(self.title),
+            "detail": storable_text(self.detail[: self.MAX_DETAIL]),
             "attempt": self.attempt,
         }
+
+
+def storable_text(text: str) -> str:
+    """``text`` as Postgres can store it: a NUL character (no Postgres text can hold one) becomes the
+    six characters ``\\u0000`` and an unpaired surrogate its ``\\udxxx`` escape, so that an exception
+    message holding either is still recorded, and readable, rather than failing the write."""
+    return text.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def transition_rows() -> Iterable[tuple[str, str]]:

@@ -21,7 +21,6 @@ statement and commit per round (``worker_service/group_commit.py``).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -35,7 +34,7 @@ from shared.jobs import Job, JobError, JobStatus, retry_delay_seconds
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
-from shared.store.db import Cursor
+from shared.store.db import Cursor, jsonb_text
 from worker_service import metrics
 from worker_service.context import JobContext
 from worker_service.deadlines import DeadlineMonitor
@@ -93,6 +92,20 @@ class Executor:
         self._deadlines = deadlines
 
     def execute(self, job_type: JobType, handler: Handler, message: Message) -> None:
+        """Run one message. Nothing escapes: dramatiq would ack the message of a job perhaps still
+        waiting (Conveyor runs no Retries middleware). An unexpected error dead-letters the message
+        instead, and the relay publishes the job again if it is still waiting (``dead_letters.py``);
+        if it was claimed, its lease decides, as after a crash."""
+        try:
+            self._execute(job_type, handler, message)
+        except Exception:
+            logger.exception(
+                "could not run message %s; dead-lettering it (the relay publishes its job again if it "
+                "is still waiting)", message.message_id,
+            )  # fmt: skip
+            message.fail()
+
+    def _execute(self, job_type: JobType, handler: Handler, message: Message) -> None:
         try:
             job_id = uuid.UUID(message.message_id)
         except ValueError:
@@ -205,7 +218,7 @@ class Executor:
         finally:
             self._leases.untrack(job.id)
         try:
-            encoded = json.dumps(result, allow_nan=False)  # jsonb has no NaN or Infinity
+            encoded = jsonb_text(result)  # what Postgres cannot store must not reach the round
         except (TypeError, ValueError) as exc:
             return _failure(job, "InvalidResult", "The handler returned a result that is not JSON",
                             str(exc), retryable=False)  # fmt: skip

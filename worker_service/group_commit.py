@@ -169,12 +169,13 @@ class GroupCommit:
             for claim in claims:
                 claim.resolve(error=exc)
             return False
-        except Exception as exc:  # a bug: answer the claims, leave the successes to lease recovery
-            logger.exception(
-                "could not write a round; the relay retries its successes once their leases lapse"
-            )
-            for claim in claims:
-                claim.resolve(error=exc)
+        except Exception as exc:  # one bad item (or a bug): it must not take the round's other items along
+            if len(claims) + len(successes) > 1:
+                logger.exception("could not write a round of %d writes; writing them one by one",
+                                 len(claims) + len(successes))  # fmt: skip
+                self._write_each(claims, successes)
+            else:
+                self._failed(claims, successes, exc)
             return True
         self.rounds += 1
         self.writes += len(claims) + len(successes)
@@ -192,6 +193,28 @@ class GroupCommit:
             except Exception:
                 logger.exception("on_written failed for job %s", success.job.id)
         return True
+
+    def _write_each(self, claims: Sequence[_Claim], successes: Sequence[_Success]) -> None:
+        """Write a failed round's items in rounds of one, so that each gets its own outcome."""
+        for claim in claims:
+            self._write([claim], [])
+        for success in successes:
+            if not self._write([], [success]):  # Postgres went away meanwhile: the next round retries it
+                with self._wakeup:
+                    self._successes.append(success)
+
+    @staticmethod
+    def _failed(claims: Sequence[_Claim], successes: Sequence[_Success], exc: Exception) -> None:
+        """A lone write that Postgres refused: the claim's thread gets the error; the success is left to
+        lease recovery (the job stays running until its lease lapses, then the relay retries it)."""
+        for claim in claims:
+            logger.error("could not claim job %s: %s", claim.job_id, exc, exc_info=exc)
+            claim.resolve(error=exc)
+        for success in successes:
+            logger.error(
+                "could not record the success of job %s (the relay retries it once its lease lapses): %s",
+                success.job.id, exc, exc_info=exc,
+            )  # fmt: skip
 
     def _give_up(self) -> None:
         """Called with the lock held."""

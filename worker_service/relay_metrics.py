@@ -27,9 +27,6 @@ from shared.store import Database
 logger = logging.getLogger(__name__)
 
 OUTBOX_PUBLISHED = Counter("conveyor_outbox_published_total", "Outbox messages published and confirmed.")
-OUTBOX_PUBLISH_FAILURES = Counter(
-    "conveyor_outbox_publish_failures_total", "Outbox publishes that RabbitMQ refused or did not confirm."
-)
 JOBS_LOST = Counter(
     "conveyor_jobs_lost_total",
     "Running jobs whose lease lapsed (worker killed or lost), by what became of them.",

@@ -8,6 +8,7 @@ which sends BEGIN/COMMIT itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -213,3 +214,35 @@ class Prepared:
 
 def json_param(value: Any) -> psycopg2.extras.Json:
     return psycopg2.extras.Json(value)
+
+
+def jsonb_text(value: Any) -> str:
+    """``value`` as JSON text that Postgres' ``jsonb`` accepts; ValueError (or TypeError) if it has none.
+
+    ``json.dumps`` also writes what ``jsonb`` refuses: NaN and Infinity, and strings holding a NUL
+    character or an unpaired surrogate. Sent to Postgres, one such value fails its whole statement,
+    and a worker's round carries the claims and successes of many jobs.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _check_string(item)
+        elif isinstance(item, dict):
+            for key in item:
+                if isinstance(key, str):
+                    _check_string(key)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return json.dumps(value, allow_nan=False)
+
+
+def _check_string(text: str) -> None:
+    if "\x00" in text:
+        raise ValueError("a string holds a NUL character (\\u0000), which Postgres cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        surrogate = ascii(text[exc.start])
+        raise ValueError(f"a string holds an unpaired surrogate ({surrogate}), which is not Unicode") from exc

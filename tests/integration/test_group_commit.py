@@ -18,7 +18,7 @@ from shared.store import Database
 from shared.store import attempts as attempt_store
 from shared.store import jobs as job_store
 from shared.store.db import Cursor
-from worker_service.group_commit import GroupCommit
+from worker_service.group_commit import GroupCommit, _Claim, _Success
 
 NOOP = NewJob("noop", "default", {}, 5, 2, 60, None, 0.0, {})
 
@@ -219,3 +219,26 @@ def test_stop_writes_pending_successes(db: Database, dsn: str) -> None:
         group.record_success(claim.job, "null", lambda ok: None)
     group.stop()
     assert statuses(dsn, ids) == {"succeeded": 20}
+
+
+def test_a_success_postgres_refuses_does_not_take_its_round_along(db: Database, dsn: str) -> None:
+    """A round whose statement fails for one item (here a result jsonb refuses, which the executor no
+    longer lets through) is written again item by item: the others get their outcome."""
+    claimed_first = insert(db, 2)
+    first = db.execute(lambda cur: attempt_store.write_round(cur, claimed_first, 30, []))
+    poisoned, fine = (c.job for c in first.claims.values() if isinstance(c, attempt_store.Claimed))
+    [to_claim] = insert(db, 1)
+    group = GroupCommit(db, lease_seconds=30)  # not started: the test writes one round itself
+    written: dict[uuid.UUID, bool] = {}
+    claim = _Claim(to_claim)
+    group._write(
+        [claim],
+        [
+            _Success(poisoned, '{"s": "a\\u0000b"}', lambda ok: written.update({poisoned.id: ok})),
+            _Success(fine, '"done"', lambda ok: written.update({fine.id: ok})),
+        ],
+    )
+    assert isinstance(claim.wait(), attempt_store.Claimed)
+    assert written == {fine.id: True}, "the refused success is left to lease recovery, unreported"
+    assert statuses(dsn, [to_claim, poisoned.id]) == {"running": 2}
+    assert statuses(dsn, [fine.id]) == {"succeeded": 1}
