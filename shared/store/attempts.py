@@ -62,15 +62,26 @@ class Round:
 
 
 _CLAIMED_COLUMNS = ", ".join("claimed." + c for c in JOB_COLUMNS.split(", "))
+#: A refused claim's row has no job columns (UNION ALL gives these NULLs the claimed rows' types).
+_NO_JOB = ", ".join("NULL" for _ in JOB_COLUMNS.split(", "))
+#: Where a row's refused-claim columns start: after the succeeded ids and the job columns.
+_REFUSED_AT = 1 + len(JOB_COLUMNS.split(", "))
 
 #: The worker's common case in one statement: claim some jobs and record the success of others (their
 #: ids, attempts and results as JSON text). Claimed rows are locked in id order, so two workers claiming
-#: overlapping sets cannot deadlock. It returns one row per claimed job (one row of NULLs if none was);
-#: the first row also carries the ids that succeeded. Only the first: repeated on every row, that array
-#: cost the worker more to parse than the rest of the result. The successes are joined to ``jobs`` by id
-#: alone, so each is one primary-key probe: with ``jobs.id = ANY(done)`` as well, Postgres read every
-#: running job's entry in ``jobs_running_by_lease`` whenever its statistics counted few running jobs
-#: (tests/integration/test_store_plans.py).
+#: overlapping sets cannot deadlock. It returns one row per claimed job, then one per refused claim with
+#: the job's status and whether it is due later (NULLs if no job has the id), or one row of NULLs if
+#: there is neither. The first row also carries the ids that succeeded. Only the first: repeated on every
+#: row, that array cost the worker more to parse than the rest of the result. The successes are joined
+#: to ``jobs`` by id alone, so each is one primary-key probe: with ``jobs.id = ANY(done)`` as well,
+#: Postgres read every running job's entry in ``jobs_running_by_lease`` whenever its statistics counted
+#: few running jobs (tests/integration/test_store_plans.py).
+#:
+#: Refused claims are explained by the same statement, never by a second one: the claims commit with
+#: it, and a second statement that failed (a dropped connection) would have reported claims that did
+#: commit as failed, so that their threads, retrying, found the jobs running and skipped them. The
+#: explanation reads the jobs as the statement found them: a job another worker claimed at the same
+#: moment may show its earlier status.
 _WRITE_ROUND = Prepared(
     "conveyor_write_round",
     f"""
@@ -86,11 +97,25 @@ _WRITE_ROUND = Prepared(
             updated_at = now(), progress = NULL, lease_expires_at = now() + %(lease)s * interval '1 second'
         WHERE id = ANY(%(claims)s) AND status = ANY(%(claimable)s) AND run_at <= now()
         RETURNING {JOB_COLUMNS}
+    ), refused AS (
+        SELECT wanted.id, job.status, job.run_at > now() AS due_later
+        FROM unnest(%(claims)s) AS wanted(id)
+        LEFT JOIN LATERAL (SELECT status, run_at FROM jobs WHERE jobs.id = wanted.id) AS job ON true
+        WHERE wanted.id NOT IN (SELECT id FROM claimed)
+    ), answers AS (
+        SELECT row_number() OVER () AS n, * FROM (
+            SELECT claimed.*, NULL::uuid AS refused_id, NULL::text AS refused_status,
+                   NULL::boolean AS refused_due_later
+            FROM claimed
+            UNION ALL
+            SELECT {_NO_JOB}, refused.id, refused.status, refused.due_later
+            FROM refused
+        ) AS both_kinds
     )
     SELECT CASE WHEN coalesce(claimed.n, 1) = 1 THEN (SELECT array_agg(id) FROM succeeded) END,
-           {_CLAIMED_COLUMNS}
+           {_CLAIMED_COLUMNS}, claimed.refused_id, claimed.refused_status, claimed.refused_due_later
     FROM (SELECT 1) AS one
-    LEFT JOIN (SELECT row_number() OVER () AS n, * FROM claimed) AS claimed ON true
+    LEFT JOIN answers AS claimed ON true
     ORDER BY claimed.n
     """,  # noqa: S608 - fixed fragments only
     {"claims": "uuid[]", "lease": "double precision", "claimable": "text[]", "done": "uuid[]",
@@ -103,7 +128,7 @@ def write_round(
 ) -> Round:
     """Claim ``claims`` (distinct ids) and record ``successes`` (claimed jobs with their result encoded
     as JSON) in one prepared statement, so in one commit: the worker's group commit
-    (``worker_service/group_commit.py``). A second statement runs only to explain refused claims.
+    (``worker_service/group_commit.py``).
     """
     _WRITE_ROUND.execute(
         cur,
@@ -121,13 +146,12 @@ def write_round(
     results: dict[uuid.UUID, ClaimResult] = {}
     for row in rows:
         if row[1] is not None:
-            job = job_from_row(row[1:])
+            job = job_from_row(row[1:_REFUSED_AT])
             results[job.id] = Claimed(job)
-    refused = [job_id for job_id in claims if job_id not in results]
-    if refused:
-        cur.execute("SELECT id, status, run_at > now() FROM jobs WHERE id = ANY(%s::uuid[])", (refused,))
-        for job_id, status, due_later in cur.fetchall():
-            results[job_id] = NotClaimable(JobStatus(status), bool(due_later))
+        elif row[_REFUSED_AT] is not None:
+            refused_id, status, due_later = row[_REFUSED_AT:]
+            if status is not None:  # else no job has the id: Missing, below
+                results[refused_id] = NotClaimable(JobStatus(status), bool(due_later))
     return Round({job_id: results.get(job_id, Missing()) for job_id in claims}, succeeded)
 
 

@@ -3,6 +3,7 @@ delayed successes."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import pytest
 from support import pg, wait_for
 
 from shared.errors import StoreUnavailable
-from shared.jobs import NewJob
+from shared.jobs import JobStatus, NewJob
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
@@ -242,3 +243,49 @@ def test_a_success_postgres_refuses_does_not_take_its_round_along(db: Database, 
     assert written == {fine.id: True}, "the refused success is left to lease recovery, unreported"
     assert statuses(dsn, [to_claim, poisoned.id]) == {"running": 2}
     assert statuses(dsn, [fine.id]) == {"succeeded": 1}
+
+
+class CountingCursor:
+    """A cursor that records the statements it is given."""
+
+    def __init__(self, cur: Cursor) -> None:
+        self._cur = cur
+        self.statements: list[str] = []
+
+    def execute(self, statement: str, params: Any = None) -> None:
+        self.statements.append(statement)
+        self._cur.execute(statement, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cur, name)
+
+
+def test_a_round_explains_its_refused_claims_in_its_own_statement(db: Database) -> None:
+    """The claims commit with the round's statement; a second statement to explain the refused ones
+    could fail after that commit and report claims that did commit as failed."""
+    [finished, claimable] = insert(db, 2)
+    later = uuid.uuid4()
+    db.run(
+        lambda cur: job_store.insert_job(
+            cur, later, "default", dataclasses.replace(NOOP, delay_seconds=3600.0), max_active_jobs=10**6,
+            outbox_grace_seconds=0,
+        )
+    )  # fmt: skip
+    first = db.execute(lambda cur: attempt_store.write_round(cur, [finished], 30, []))
+    job = first.claims[finished]
+    assert isinstance(job, attempt_store.Claimed)
+    db.execute(lambda cur: attempt_store.write_round(cur, [], 30, [(job.job, "null")]))
+    missing = uuid.uuid4()
+
+    def round_(cur: Cursor) -> tuple[attempt_store.Round, list[str]]:
+        counting = CountingCursor(cur)
+        wanted = [finished, claimable, later, missing]
+        result = attempt_store.write_round(counting, wanted, 30, [])  # type: ignore[arg-type]
+        return result, counting.statements
+
+    result, statements = db.execute(round_)
+    assert [s for s in statements if not s.startswith(("SET", "PREPARE"))] == statements[-1:], statements
+    assert isinstance(result.claims[claimable], attempt_store.Claimed)
+    assert result.claims[finished] == attempt_store.NotClaimable(JobStatus.SUCCEEDED, due_later=False)
+    assert result.claims[later] == attempt_store.NotClaimable(JobStatus.QUEUED, due_later=True)
+    assert result.claims[missing] == attempt_store.Missing()
