@@ -188,6 +188,11 @@ class Publisher:
             for message, dispatch in zip(messages, dispatches, strict=True)
         ]
         confirmed = self._confirming.publish(outgoing)
+        for message, ok in zip(messages, confirmed, strict=True):
+            if not ok:
+                # Perhaps returned: its queue was deleted since this process declared it. Declared
+                # again before the next publish (also the relay's, and its reads of dead letters).
+                self._broker.queues_pending.add(message.queue_name)
         return [dispatch for dispatch, ok in zip(dispatches, confirmed, strict=True) if ok]
 
     def publish(self, dispatch: Dispatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -14,8 +15,9 @@ import pika
 import pytest
 from support import RUN_ID, amqp_channel, queue_counts, wait_for
 
-from shared.broker import url_with_defaults
+from shared.broker import Publisher, create_broker, url_with_defaults
 from shared.confirms import ConfirmingPublisher, OutgoingMessage
+from shared.messages import Dispatch
 from shared.settings import Settings
 
 
@@ -131,3 +133,26 @@ def test_a_connection_given_up_on_while_opening_cannot_disturb_the_next_one(
     finally:
         publisher.close()
         proxy.close()
+
+
+def test_a_queue_deleted_behind_the_publishers_back_is_declared_again(settings: Settings) -> None:
+    prefix = f"conveyor_test_{RUN_ID}.redeclare-{uuid.uuid4().hex[:8]}."
+    isolated = dataclasses.replace(settings, queue_prefix=prefix)
+    publisher = Publisher(create_broker(isolated), prefix, backoff_seconds=0)
+    queue = prefix + "default"
+
+    def dispatch() -> Dispatch:
+        return Dispatch(uuid.uuid4(), "noop", "default", 5)
+
+    try:
+        assert len(publisher.publish_all([dispatch()])) == 1
+        with amqp_channel(settings.broker_url) as channel:
+            channel.queue_delete(queue=queue)
+        assert publisher.publish_all([dispatch()]) == [], "returned: its queue is gone"
+        assert len(publisher.publish_all([dispatch()])) == 1, "the queue is declared again"
+        assert queue_counts(settings.broker_url, queue)[0] == 1
+    finally:
+        publisher.close()
+        with amqp_channel(settings.broker_url) as channel:
+            for suffix in ("", ".DQ", ".XQ"):
+                channel.queue_delete(queue=queue + suffix)
