@@ -7,7 +7,7 @@ import re
 
 from flask import Flask, Response, request
 from flask_smorest import Api
-from werkzeug.exceptions import HTTPException, UnsupportedMediaType
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
 from api_service import (
     auth,
@@ -22,9 +22,9 @@ from api_service import (
     request_ids,
 )
 from api_service.context import EXTENSION, Services, services
-from api_service.problems import Problem
+from api_service.problems import Problem, invalid, pointer
 from api_service.published_rows import PublishedRows
-from api_service.schemas import Cursor
+from api_service.schemas import SURROGATE_MESSAGE, Cursor, unpaired_surrogate_path
 from shared.broker import PUBLISH_FAILURES, Publisher, create_broker
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -124,7 +124,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def _check_request_body() -> None:
-    """415 for a body that is not JSON, 400 for JSON nested too deeply (before any parsing)."""
+    """Before the body is parsed: 415 for a body that is not JSON, 413 for a chunked body over the size
+    limit, 400 for JSON nested too deeply, 422 for a string holding an unpaired surrogate."""
     if request.method not in _BODY_METHODS:
         return
     has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
@@ -134,11 +135,20 @@ def _check_request_body() -> None:
         raise UnsupportedMediaType(
             f"Send the request body as application/json, not {request.mimetype or 'an untyped body'}."
         )
+    body = request.get_data(cache=True)
+    # werkzeug stops reading a chunked body at the size limit, silently: 413 if any of it is left.
+    cut = request.content_length is None and len(body) == request.max_content_length
+    if cut and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
     limit = services().settings.max_json_depth
-    if json_depth(request.get_data(cache=True)) > limit:
+    if json_depth(body) > limit:
         raise Problem(
             "json-too-deep", f"The request body nests arrays and objects deeper than {limit} levels."
         )
+    if b"\\ud" in body or b"\\uD" in body:  # only then can a JSON string hold a lone surrogate
+        path = unpaired_surrogate_path(body)
+        if path is not None:
+            raise invalid(pointer=pointer(path), detail=SURROGATE_MESSAGE)
 
 
 def json_depth(body: bytes) -> int:

@@ -204,7 +204,7 @@ def validation_errors(messages: Mapping[str, Any]) -> Iterator[dict[str, str]]:
     for location, tree in messages.items():
         for path, detail in _leaves(tree, ()):
             if location == "json":
-                yield {"pointer": _pointer(path), "detail": detail}
+                yield {"pointer": pointer(path), "detail": detail}
             else:
                 yield {"parameter": str(path[0]) if path else location, "detail": detail}
 
@@ -220,7 +220,7 @@ def _leaves(tree: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...],
         yield path, str(tree)
 
 
-def _pointer(path: tuple[str, ...]) -> str:
+def pointer(path: tuple[str, ...]) -> str:
     return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in path)
 
 

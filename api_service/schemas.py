@@ -31,20 +31,49 @@ NUL_MESSAGE = "Text may not contain the NUL character (\\u0000): Postgres cannot
 NO_NUL = validate.Regexp(r"[^\x00]*\Z", error=NUL_MESSAGE)
 
 
-def nul_path(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+SURROGATE_MESSAGE = (
+    "Text may not contain an unpaired UTF-16 surrogate (\\ud800-\\udfff): it is not Unicode, and "
+    "Postgres cannot store it."
+)
+
+
+def nul_path(value: Any) -> tuple[str, ...] | None:
     """Where in a JSON value a string (or an object key) holds a NUL character; None if nowhere."""
+    return text_path(value, lambda text: "\x00" in text)
+
+
+def unpaired_surrogate_path(body: bytes) -> tuple[str, ...] | None:
+    """Where in a JSON text a string (or an object key) holds an unpaired surrogate; None if nowhere,
+    or if the text is not JSON (its parser says so later)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return text_path(value, _has_unpaired_surrogate)
+
+
+def _has_unpaired_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def text_path(value: Any, bad: Callable[[str], bool], path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where in a JSON value a string (or an object key) is ``bad``; None if nowhere."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return path if bad(value) else None
     items: list[tuple[str, Any]] = []
     if isinstance(value, dict):
         for key, item in value.items():
-            if "\x00" in key:
+            if bad(key):
                 return (*path, key)
             items.append((key, item))
     elif isinstance(value, list):
         items = [(str(index), item) for index, item in enumerate(value)]
     for key, item in items:
-        found = nul_path(item, (*path, key))
+        found = text_path(item, bad, (*path, key))
         if found is not None:
             return found
     return None

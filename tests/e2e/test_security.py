@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -235,6 +236,21 @@ def test_deeply_nested_json_is_400(api: ApiClient, settings: Any) -> None:
 def test_oversized_body_is_413(api: ApiClient, settings: Any) -> None:
     body = json.dumps({"type": "noop", "labels": {"a": "x" * settings.max_body_bytes}})
     response = api.session.post(f"{api.base_url}/v1/jobs", data=body, timeout=10,
+                                headers={"Content-Type": "application/json"})  # fmt: skip
+    expect_problem(response, 413, "payload-too-large")
+
+
+@pytest.mark.usefixtures("unchanged_database")
+def test_oversized_chunked_body_is_413_not_cut_at_the_limit(api: ApiClient, settings: Any) -> None:
+    """Without a Content-Length, the body arrives in chunks; werkzeug stops reading at the limit. A body
+    that is valid JSON within the limit, then padding, must not create a job from its first part."""
+    body = b'{"type": "noop"}' + b" " * settings.max_body_bytes
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(body), 16_384):
+            yield body[start : start + 16_384]
+
+    response = api.session.post(f"{api.base_url}/v1/jobs", data=chunks(), timeout=10,
                                 headers={"Content-Type": "application/json"})  # fmt: skip
     expect_problem(response, 413, "payload-too-large")
 

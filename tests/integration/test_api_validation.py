@@ -18,6 +18,7 @@ from flask.testing import FlaskClient
 
 from api_service.app import create_app
 from api_service.context import EXTENSION, Services
+from api_service.schemas import SURROGATE_MESSAGE
 from shared.settings import Settings
 
 PROBLEM = "application/problem+json"
@@ -110,6 +111,25 @@ class TestRejectedSubmissions:
         listed = problem(client.get("/v1/jobs?label=a:%00&type=%00"), 422, "validation-error")
         assert {e["parameter"] for e in listed["errors"]} == {"label", "type"}
 
+    @pytest.mark.parametrize(
+        ("path", "body", "pointer"),
+        [
+            ("/v1/jobs", '{"type": "noop", "labels": {"a": "x\\ud800"}}', "/labels/a"),
+            ("/v1/jobs", '{"type": "noop", "payload": {"\\udfff": 1}}', "/payload/\udfff"),
+            ("/v1/jobs/batch", '{"jobs": [{"type": "noop"}, {"type": "noop", "labels": {"b": "\\uDC00"}}]}',
+             "/jobs/1/labels/b"),
+            ("/v1/dead-letters/purge", '{"type": ["\\ud800"]}', "/type/0"),
+        ],
+        ids=["label-value", "payload-key", "batch-item", "purge-filter"],
+    )  # fmt: skip
+    def test_unpaired_surrogates_are_422_not_a_server_error(
+        self, client: FlaskClient, keys: Keys, path: str, body: str, pointer: str
+    ) -> None:
+        admin = {"Authorization": f"Bearer {keys.admin}"}  # purging needs it; the others accept it
+        response = client.post(path, data=body, content_type="application/json", headers=admin)
+        errors = problem(response, 422, "validation-error")["errors"]
+        assert errors == [{"pointer": pointer, "detail": SURROGATE_MESSAGE}]
+
     def test_extreme_time_offsets_are_normalised_not_a_database_error(self, client: FlaskClient) -> None:
         response = client.get(
             "/v1/jobs?created_after=2020-01-01T00:00:00-23:31&created_before=0001-01-01T00:00:00%2B01:00"
@@ -147,6 +167,13 @@ class TestRejectedSubmissions:
             client, {"type": "noop"}, headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
         )
         problem(response, 400, "idempotency-key-invalid")
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_fine(client: FlaskClient) -> None:
+    body = '{"type": "noop", "labels": {"emoji": "\\ud83d\\ude00", "text": "\\\\ud800"}}'
+    response = client.post("/v1/jobs", data=body, content_type="application/json")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json()["labels"] == {"emoji": "\U0001f600", "text": "\\ud800"}
 
 
 def test_longest_allowed_idempotency_key_is_accepted(client: FlaskClient) -> None:
