@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from shared.api_keys import SCOPE_DESCRIPTIONS, TENANT_NAME, generate_key, parse_scopes
@@ -107,9 +108,11 @@ def tenants_set(settings: Settings, args: argparse.Namespace) -> int:
         print(f"conveyor tenants set: no tenant {name}", file=sys.stderr)
         return 1
     changes = {
-        "max_active_jobs": _limit(args.max_active_jobs, int, tenant.max_active_jobs, 0),
-        "submit_rate_per_second": _limit(args.submit_rate, float, tenant.submit_rate_per_second, 0.001),
-        "submit_burst": _limit(args.submit_burst, int, tenant.submit_burst, 1),
+        "max_active_jobs": _limit(args.max_active_jobs, int, tenant.max_active_jobs, 0, MAX_INTEGER),
+        "submit_rate_per_second": _limit(
+            args.submit_rate, float, tenant.submit_rate_per_second, 0.001, MAX_SUBMIT_RATE
+        ),
+        "submit_burst": _limit(args.submit_burst, int, tenant.submit_burst, 1, MAX_INTEGER),
     }
     db.execute(lambda cur: tenant_store.set_limits(cur, name, **changes))  # type: ignore[arg-type]
     print(
@@ -118,7 +121,13 @@ def tenants_set(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _limit(raw: str | None, kind: type, current: object, minimum: float) -> object:
+#: The largest value a Postgres ``integer`` column holds.
+MAX_INTEGER = 2**31 - 1
+#: The largest submission rate a tenant may be given (per second): more is no limit at all.
+MAX_SUBMIT_RATE = 1_000_000.0
+
+
+def _limit(raw: str | None, kind: type, current: object, minimum: float, maximum: float) -> object:
     if raw is None:
         return current
     if raw == "default":
@@ -127,8 +136,12 @@ def _limit(raw: str | None, kind: type, current: object, minimum: float) -> obje
         value = kind(raw)
     except ValueError:
         raise UsageError(f"{raw!r} is not a number (or 'default')") from None
+    if not math.isfinite(value):  # float("nan"), float("inf") and float("1e400") parse
+        raise UsageError(f"{raw!r} is not a finite number")
     if value < minimum:
-        raise UsageError(f"{raw!r} is below the minimum of {minimum}")
+        raise UsageError(f"{raw!r} is below the minimum of {minimum:g}")
+    if value > maximum:
+        raise UsageError(f"{raw!r} is above the maximum of {maximum:g}")
     return value
 
 

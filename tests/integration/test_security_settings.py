@@ -7,10 +7,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import psycopg2
 import pytest
 from flask import Flask
 from marshmallow import fields
-from support import ROOT
+from support import ROOT, pg
 
 from api_service.app import create_app
 from api_service.auth import _REQUIRED_SCOPE
@@ -113,6 +114,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["keys", "create", "--tenant", "t", "--scope", "jobs:delete"], "unknown scope(s) jobs:delete"),
         (["tenants", "set", "default", "--submit-rate", "fast"], "is not a number"),
         (["tenants", "set", "default", "--submit-burst", "0"], "below the minimum"),
+        (["tenants", "set", "default", "--submit-rate", "nan"], "not a finite number"),
+        (["tenants", "set", "default", "--submit-rate", "inf"], "not a finite number"),
+        (["tenants", "set", "default", "--submit-rate", "1e400"], "not a finite number"),
+        (["tenants", "set", "default", "--submit-rate", "1e7"], "above the maximum"),
+        (["tenants", "set", "default", "--max-active-jobs", "99999999999999999999"], "above the maximum"),
+        (["tenants", "set", "default", "--submit-burst", "2147483648"], "above the maximum"),
     ],
 )
 def test_cli_rejects_bad_input_with_a_clear_message(args: list[str], message: str) -> None:
@@ -120,6 +127,17 @@ def test_cli_rejects_bad_input_with_a_clear_message(args: list[str], message: st
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.usefixtures("database")
+def test_postgres_refuses_a_submission_rate_that_is_not_finite(dsn: str) -> None:
+    """What `tenants set` refuses, the table refuses too (the API's token bucket cannot use it)."""
+    assert run_cli("tenants", "create", "rate-check").returncode in (0, 1)
+    for rate in ("NaN", "Infinity"):
+        with pytest.raises(psycopg2.errors.CheckViolation), pg(dsn) as cur:
+            cur.execute(
+                "UPDATE tenants SET submit_rate_per_second = %s::float8 WHERE name = 'rate-check'", (rate,)
+            )
 
 
 @pytest.mark.usefixtures("database")
