@@ -3,7 +3,8 @@
 Every ``/v1`` operation declares the scope it needs with ``@requires(Scope...)``; a ``before_request``
 hook authenticates the caller and checks that scope *before* the request body is parsed, so an
 unauthenticated caller learns nothing from validation errors. An operation that declares no scope is
-refused (fail closed). Endpoints outside ``/v1`` (health, OpenAPI, docs, problem types) are open;
+refused (fail closed). HEAD needs the scope of its GET; OPTIONS (answered by Flask with the route's
+methods) needs a valid key and no scope. Endpoints outside ``/v1`` (health, OpenAPI, docs, problem types) are open;
 ``/metrics`` has its own rule (``authorize_metrics``).
 
 With ``CONVEYOR_AUTH=none`` every request acts as tenant ``default`` with every scope.
@@ -68,6 +69,9 @@ def authenticate_request() -> None:
         return
     required = _required_scope()
     principal, limits = _authenticate()
+    if request.method == "OPTIONS":  # Flask answers it with the route's methods: any valid key may ask
+        g.principal, g.tenant_limits = principal, limits
+        return
     if required is None or not principal.allows(required):
         needed = required.value if required else "(none declared)"
         raise Problem(
@@ -82,7 +86,8 @@ def _required_scope() -> Scope | None:
     view: object = current_app.view_functions[request.endpoint or ""]
     view_class = getattr(view, "view_class", None)
     if view_class is not None:
-        view = getattr(view_class, request.method.lower(), None)
+        method = "get" if request.method == "HEAD" else request.method.lower()  # HEAD runs the GET view
+        view = getattr(view_class, method, None)
     scope: Scope | None = getattr(view, _REQUIRED_SCOPE, None)
     return scope
 

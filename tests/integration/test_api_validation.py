@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -190,6 +191,20 @@ def test_unknown_route_is_a_plain_problem(client: FlaskClient) -> None:
     assert response.status_code == 404
     assert response.mimetype == PROBLEM
     assert response.get_json()["type"] == "about:blank"
+
+
+def test_head_and_options_answer_like_the_routes_they_ask_about(app: Flask, keys: Keys) -> None:
+    """HEAD needs what GET needs and answers its status without a body; OPTIONS needs a valid key and
+    lists the route's methods (both were a 403: "does not have the (none declared) scope")."""
+    client = app.test_client()
+    reader = {"Authorization": f"Bearer {keys.reader}"}
+    head = client.head("/v1/jobs", headers=reader)
+    assert (head.status_code, head.get_data()) == (200, b"")
+    assert client.head("/v1/jobs").status_code == 401
+    options = client.options(f"/v1/jobs/{uuid.uuid4()}/cancel", headers=reader)
+    assert options.status_code == 200
+    assert {"POST", "OPTIONS"} <= set(options.headers["Allow"].split(", "))
+    problem(client.options("/v1/jobs"), 401, "unauthorized")
 
 
 def test_wrong_method_is_405_problem(client: FlaskClient) -> None:
