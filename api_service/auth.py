@@ -4,8 +4,8 @@ Every ``/v1`` operation declares the scope it needs with ``@requires(Scope...)``
 hook authenticates the caller and checks that scope *before* the request body is parsed, so an
 unauthenticated caller learns nothing from validation errors. An operation that declares no scope is
 refused (fail closed). HEAD needs the scope of its GET; OPTIONS (answered by Flask with the route's
-methods) needs a valid key and no scope. Endpoints outside ``/v1`` (health, OpenAPI, docs, problem types) are open;
-``/metrics`` has its own rule (``authorize_metrics``).
+methods) needs a valid key and no scope. Endpoints outside ``/v1`` (health, OpenAPI, docs, problem
+types) are open; ``/metrics`` has its own rule (``authorize_metrics``).
 
 With ``CONVEYOR_AUTH=none`` every request acts as tenant ``default`` with every scope.
 """

@@ -12,7 +12,7 @@ from marshmallow import fields, validate
 
 from api_service.auth import current_limits, current_principal, requires
 from api_service.context import services
-from api_service.idempotency import MAX_KEY_LENGTH, fingerprint, parse_key
+from api_service.idempotency import HEADER, MAX_KEY_LENGTH, fingerprint, parse_key
 from api_service.metrics import count_submission, counting_submission_refusals
 from api_service.openapi_docs import AUTHENTICATED, BODY, ProblemSchema, documents_problems, header
 from api_service.problems import Problem, from_conveyor_error, invalid, validation_errors
@@ -21,7 +21,7 @@ from api_service.request_ids import current_request_id
 from api_service.schemas import JobCreateSchema, JobSchema, StrictSchema, payload_size_error
 from api_service.submission import BatchItem, IdempotentRequest, submit_batch
 from shared.api_keys import Scope
-from shared.errors import ConveyorError
+from shared.errors import ConveyorError, IdempotencyKeyInvalid
 
 blp = Blueprint(
     "jobs-batch", __name__, url_prefix="/v1/jobs", description="Submit jobs and follow them to the end."
@@ -78,7 +78,7 @@ class JobBatch(MethodView):
         description="One result per job, in order: created (202), replayed, or refused with a problem.",
         headers={"RateLimit-Policy": header("RateLimit-Policy"), "RateLimit": header("RateLimit")},
     )
-    @documents_problems(*AUTHENTICATED, *BODY, "validation-error", "rate-limited")
+    @documents_problems(*AUTHENTICATED, *BODY, "idempotency-key-invalid", "validation-error", "rate-limited")
     def post(self) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Submit jobs in a batch
 
@@ -87,6 +87,10 @@ class JobBatch(MethodView):
         is refused only when the tenant's rate cannot cover its new jobs (429) or the body is not a
         list of jobs (422).
         """
+        if request.headers.getlist(HEADER):
+            raise IdempotencyKeyInvalid(
+                "A batch takes no Idempotency-Key header: give each job its own idempotency_key."
+            )
         raw_items = _items(request.get_json())
         svc = services()
         results: dict[int, dict[str, Any]] = {}
@@ -148,7 +152,7 @@ def _validate(index: int, raw: Any, max_payload_bytes: int) -> BatchItem | Probl
     idempotent = None
     if key_value is not None:
         try:
-            key = parse_key([key_value]) if isinstance(key_value, str) else None
+            key = parse_key([key_value], "This job's idempotency_key") if isinstance(key_value, str) else None
         except ConveyorError as exc:
             return from_conveyor_error(exc)
         if key is None:

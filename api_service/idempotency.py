@@ -31,25 +31,27 @@ MAX_KEY_LENGTH = 255
 _KEY = re.compile(r"[!#-+\--\[\]-~]+")
 
 
-def parse_key(values: list[str]) -> str | None:
-    """The key from the header's values, None if absent; raises IdempotencyKeyInvalid."""
+def parse_key(values: list[str], field: str = "The Idempotency-Key header") -> str | None:
+    """The key from the header's values, None if absent; raises IdempotencyKeyInvalid. ``field`` names
+    where the key came from, in the messages (a batch's jobs carry theirs in the body)."""
     if not values:
         return None
     if len(values) > 1:
-        raise IdempotencyKeyInvalid("Send the Idempotency-Key header only once.")
+        raise IdempotencyKeyInvalid(f"{field} may be sent only once.")
     raw = values[0].strip()
     if len(raw) >= 2 and raw[0] == raw[-1] == '"':
         raw = raw[1:-1]  # structured-field string form: "key"
     if not raw:
-        raise IdempotencyKeyInvalid("The Idempotency-Key header is empty.")
+        raise IdempotencyKeyInvalid(f"{field} is empty.")
     if len(raw) > MAX_KEY_LENGTH:
         raise IdempotencyKeyInvalid(
-            f"The Idempotency-Key is {len(raw)} characters long; at most {MAX_KEY_LENGTH} are allowed."
+            f"{field} is {len(raw)} characters long; at most {MAX_KEY_LENGTH} are allowed."
         )
     if not _KEY.fullmatch(raw):
+        hint = " (sent twice, it arrives as one value joined by a comma)" if "," in raw else ""
         raise IdempotencyKeyInvalid(
-            "The Idempotency-Key may only hold visible ASCII characters other than space, comma, "
-            "double quote and backslash (a UUID is a good key)."
+            f"{field} may only hold visible ASCII characters other than space, comma, double quote and "
+            f"backslash (a UUID is a good key){hint}."
         )
     return raw
 

@@ -163,6 +163,22 @@ class TestRejectedSubmissions:
         response = post(client, {"type": "noop"}, headers={"Idempotency-Key": key})
         problem(response, 400, "idempotency-key-invalid")
 
+    def test_a_batch_refuses_an_idempotency_key_header(self, client: FlaskClient) -> None:
+        """Its jobs carry their own keys; a header key was silently ignored (a retried batch ran twice)."""
+        body = json.dumps({"jobs": [{"type": "noop"}]})
+        response = client.post(
+            "/v1/jobs/batch", data=body, content_type="application/json", headers={"Idempotency-Key": "abc"}
+        )
+        detail = problem(response, 400, "idempotency-key-invalid")["detail"]
+        assert "each job its own idempotency_key" in detail
+
+    def test_a_batch_jobs_bad_key_is_named_as_its_field(self, client: FlaskClient) -> None:
+        body = json.dumps({"jobs": [{"type": "noop", "idempotency_key": ""}]})
+        response = client.post("/v1/jobs/batch", data=body, content_type="application/json")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        [result] = response.get_json()["results"]
+        assert result["problem"]["detail"] == "This job's idempotency_key is empty."
+
     def test_idempotency_key_sent_twice_is_400(self, client: FlaskClient) -> None:
         response = post(
             client, {"type": "noop"}, headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
