@@ -18,13 +18,13 @@ from api_service.problems import invalid
 from api_service.schemas import (
     CURSOR_ERROR,
     NO_NUL,
-    JsonBoolean,
     StrictSchema,
     UtcDateTime,
     decode_cursor,
     page,
 )
 from shared.api_keys import TENANT_NAME, Scope
+from shared.job_types import JsonBoolean
 from shared.store import dead_letters as dead_letter_store
 from shared.store.dead_letters import Selection
 

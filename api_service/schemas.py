@@ -14,7 +14,13 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from shared.api_keys import TENANT_NAME
-from shared.job_types import MAX_ATTEMPTS_RANGE, PRIORITY_RANGE, REGISTRY, TIMEOUT_SECONDS_RANGE
+from shared.job_types import (
+    MAX_ATTEMPTS_RANGE,
+    PRIORITY_RANGE,
+    REGISTRY,
+    TIMEOUT_SECONDS_RANGE,
+    JsonNumber,
+)
 from shared.jobs import JobStatus, NewJob
 
 #: One year: further ahead is almost certainly a unit mistake (ms for s).
@@ -89,24 +95,6 @@ def _nested(path: tuple[str, ...], message: str) -> Any:
 class StrictSchema(ma.Schema):
     class Meta:
         unknown = ma.RAISE
-
-
-class JsonNumber(fields.Float):
-    """A JSON number; a string holding one (``"5"``) is refused, as the integer fields refuse it."""
-
-    def _validated(self, value: Any) -> float:
-        if isinstance(value, str):
-            raise self.make_error("invalid", input=value)
-        return super()._validated(value)
-
-
-class JsonBoolean(fields.Boolean):
-    """``true`` or ``false``; marshmallow's Boolean would also take ``1``, ``"yes"`` or ``"off"``."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.make_error("invalid", input=value)
-        return value
 
 
 class UtcDateTime(fields.AwareDateTime):

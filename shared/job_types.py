@@ -18,6 +18,25 @@ from marshmallow import fields, validate
 
 from shared.errors import UnknownJobType
 
+
+class JsonNumber(fields.Float):
+    """A JSON number; a string holding one (``"5"``) is refused, as the integer fields refuse it."""
+
+    def _validated(self, value: Any) -> float:
+        if isinstance(value, str | bool):
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
+class JsonBoolean(fields.Boolean):
+    """``true`` or ``false``; marshmallow's Boolean would also take ``1``, ``"yes"`` or ``"off"``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
+
+
 #: Queue used when a type does not name one. The wire name gets ``CONVEYOR_QUEUE_PREFIX`` in front.
 DEFAULT_QUEUE = "default"
 
@@ -90,7 +109,7 @@ REGISTRY: dict[str, JobType] = _registry(
             "succeeding. For demos and tests."
         ),
         payload_fields={
-            "seconds": fields.Float(
+            "seconds": JsonNumber(
                 load_default=1.0,
                 validate=validate.Range(0, 3600),
                 metadata={"description": "How long each attempt sleeps."},
@@ -101,11 +120,14 @@ REGISTRY: dict[str, JobType] = _registry(
                 validate=validate.Range(0, 100),
                 metadata={"description": "How many attempts fail before one succeeds."},
             ),
-            "fatal": fields.Boolean(
+            "fatal": JsonBoolean(
                 load_default=False,
-                metadata={"description": "Fail with a non-retryable error (the job fails at once)."},
+                metadata={
+                    "description": "Make the failing attempts fail with a non-retryable error, so the job "
+                    "fails at the first of them (with `fail_attempts` of 1 or more)."
+                },
             ),
-            "crash": fields.Boolean(
+            "crash": JsonBoolean(
                 load_default=False,
                 metadata={
                     "description": "Kill the worker process (SIGKILL) on every attempt, like a segfault or "

@@ -72,6 +72,19 @@ class TestRejectedSubmissions:
         pointers = {e["pointer"] for e in problem(response, 422, "validation-error")["errors"]}
         assert pointers == {"/payload/seconds", "/payload/extra"}
 
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("fatal", "true"), ("fatal", 1), ("crash", "off"), ("seconds", "2"), ("seconds", True),
+         ("fail_attempts", "1")],
+    )  # fmt: skip
+    def test_payload_numbers_and_booleans_are_json_ones(
+        self, client: FlaskClient, field: str, value: Any
+    ) -> None:
+        response = post(client, {"type": "demo.sleep", "payload": {field: value}})
+        assert [e["pointer"] for e in problem(response, 422, "validation-error")["errors"]] == [
+            f"/payload/{field}"
+        ]
+
     def test_unknown_field_is_422(self, client: FlaskClient) -> None:
         body = problem(post(client, {"type": "noop", "colour": "red"}), 422, "validation-error")
         assert body["errors"] == [{"pointer": "/colour", "detail": "Unknown field."}]
