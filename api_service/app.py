@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Authentication first: a caller without a valid key learns nothing, not even about its body.
     app.before_request(auth.authenticate_request)
     app.before_request(_check_request_body)
+    app.before_request(_refuse_unknown_query_parameters)
     app.after_request(_security_headers)
     with app.app_context():
         auth.warn_if_unauthenticated()
@@ -149,6 +151,25 @@ def _check_request_body() -> None:
         path = unpaired_surrogate_path(body)
         if path is not None:
             raise invalid(pointer=pointer(path), detail=SURROGATE_MESSAGE)
+
+
+def _refuse_unknown_query_parameters() -> None:
+    """422 for a query parameter on a /v1 operation that declares none (those that declare some refuse
+    unknown ones in their own schema). A misspelt option must not be silently ignored."""
+    if not request.args or not request.path.startswith("/v1/") or request.endpoint is None:
+        return
+    view: Any = current_app.view_functions[request.endpoint]
+    method = getattr(
+        getattr(view, "view_class", None), "get" if request.method == "HEAD" else request.method.lower(), None
+    )
+    declared = getattr(method, "_apidoc", {}).get("arguments", {}).get("parameters", [])
+    if any(argument.get("in") == "query" for argument in declared):
+        return
+    raise Problem(
+        "validation-error",
+        "The request is invalid; see `errors`.",
+        errors=[{"parameter": name, "detail": "Unknown parameter."} for name in sorted(set(request.args))],
+    )
 
 
 def json_depth(body: bytes) -> int:

@@ -50,7 +50,8 @@ blp = Blueprint(
 MAX_POLL_HINT_SECONDS = 60
 
 #: The problems every operation on one job can give.
-_ONE_JOB_PROBLEMS = (*AUTHENTICATED, "job-not-found", NOT_FOUND)
+#: A validation-error: an unknown query parameter (``app._refuse_unknown_query_parameters``).
+_ONE_JOB_PROBLEMS = (*AUTHENTICATED, "job-not-found", NOT_FOUND, "validation-error")
 
 
 @blp.route("")

@@ -81,7 +81,7 @@ class Queues(MethodView):
             "outbox": {"backlog": 0, "oldest_seconds": 0.0},
         },
     )  # fmt: skip
-    @documents_problems(*AUTHENTICATED)
+    @documents_problems(*AUTHENTICATED, "validation-error")  # an unknown query parameter
     def get(self) -> dict[str, Any]:
         """Queue statistics
 

@@ -256,6 +256,25 @@ def test_list_rejects_unknown_and_invalid_parameters(client: FlaskClient) -> Non
     assert {e["parameter"] for e in body["errors"]} == {"stauts", "limit", "cursor"}
 
 
+@pytest.mark.usefixtures("unchanged_database")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/jobs"), ("GET", "/v1/jobs/{job}"), ("POST", "/v1/jobs/{job}/cancel"),
+     ("POST", "/v1/jobs/batch"), ("GET", "/v1/queues")],
+)  # fmt: skip
+def test_operations_without_query_parameters_refuse_any(
+    client: FlaskClient, keys: Keys, method: str, path: str
+) -> None:
+    """A misspelt option (``?dry_run=1``, ``?wait=30``) must not be silently ignored."""
+    url = path.format(job=uuid.uuid4()) + "?foo=1&bar=2"
+    body = json.dumps({"jobs": [{"type": "noop"}], "type": "noop"})
+    admin = {"Authorization": f"Bearer {keys.admin}"}
+    response = client.open(url, method=method, data=body, content_type="application/json", headers=admin)
+    errors = problem(response, 422, "validation-error")["errors"]
+    assert errors == [{"parameter": "bar", "detail": "Unknown parameter."},
+                      {"parameter": "foo", "detail": "Unknown parameter."}]  # fmt: skip
+
+
 def test_openapi_document_and_docs_are_served(client: FlaskClient) -> None:
     spec = client.get("/openapi.json").get_json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/healthz", "/readyz"} <= set(spec["paths"])
