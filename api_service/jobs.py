@@ -185,7 +185,7 @@ class CancelJob(MethodView):
         "sees the request and may stop, and it will not be retried.",
     )
     @documents_problems(
-        *_ONE_JOB_PROBLEMS, "illegal-transition",
+        *_ONE_JOB_PROBLEMS, *BODY, "illegal-transition",
         descriptions={409: "The job already succeeded or failed (`/problems/illegal-transition`)."},
     )  # fmt: skip
     def post(self, job_id: uuid.UUID) -> tuple[Job, int]:
@@ -219,7 +219,7 @@ class RetryJob(MethodView):
         example=QUEUED_JOB_EXAMPLE,
     )
     @documents_problems(
-        *_ONE_JOB_PROBLEMS, "illegal-transition",
+        *_ONE_JOB_PROBLEMS, *BODY, "illegal-transition",
         descriptions={409: "The job is not failed or cancelled (`/problems/illegal-transition`)."},
     )  # fmt: skip
     def post(self, job_id: uuid.UUID) -> tuple[Job, int, dict[str, str]]:

@@ -205,7 +205,10 @@ _EXAMPLE_DETAILS = {
     "unauthorized": "The API key is not valid (unknown, revoked or malformed).",
     "forbidden": "This API key does not have the jobs:write scope.",
     "rate-limited": "Tenant 'acme' may submit 100 jobs per second (bursts of 200).",
-    "too-many-active-jobs": "The tenant already has 10000 jobs waiting or running; wait for some to finish.",
+    "too-many-active-jobs": (
+        "The tenant may have at most 10000 jobs waiting or running, and has reached that; retry once some "
+        "have finished."
+    ),
     "unsupported-media-type": "Send the request body as application/json, not text/plain.",
     "payload-too-large": "The data value transmitted exceeds the capacity limit.",
     "job-not-found": "No job has the id 2d7b52cc-f075-46b7-b01e-22a8f8c214e4.",
