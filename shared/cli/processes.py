@@ -30,9 +30,20 @@ def _exec(argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, *argv])
 
 
+def _no_arguments(command: str, extra: list[str]) -> int | None:
+    """2, after saying so, if a command that takes no arguments got some; else None."""
+    if not extra:
+        return None
+    print(f"conveyor {command}: takes no arguments, got: {' '.join(extra)}", file=sys.stderr)
+    return 2
+
+
 def cmd_migrate(settings: Settings, extra: list[str]) -> int:
     """Create the database if needed and apply pending migrations."""
     from shared.store.migrate import migrate
+
+    if (refused := _no_arguments("migrate", extra)) is not None:
+        return refused
 
     try:
         applied = migrate(settings)
@@ -132,6 +143,8 @@ def cmd_run(settings: Settings, extra: list[str]) -> int:
 
 def cmd_settings(settings: Settings, extra: list[str]) -> int:
     """Print every setting's variable and current value (secrets hidden)."""
+    if (refused := _no_arguments("settings", extra)) is not None:
+        return refused
     for f in dataclasses.fields(Settings):
         print(f"{f.metadata['env']}={settings.display_value(f.name)}")
     return 0

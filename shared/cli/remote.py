@@ -260,8 +260,19 @@ def _add(commands: Any, name: str, command: Command, common: argparse.ArgumentPa
     return parser
 
 
+def _page_size(raw: str) -> int:
+    """``--limit``: 1-200, as the API takes it (0 used to mean the default page size, silently)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if not 1 <= value <= 200:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 200")
+    return value
+
+
 def _add_pages(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--limit", type=int, metavar="N", help=f"{what} per page, 1-200 (default 50)")
+    parser.add_argument("--limit", type=_page_size, metavar="N", help=f"{what} per page, 1-200 (default 50)")
     parser.add_argument("--cursor", help="start after a page: the next_cursor it ended with")
     parser.add_argument("--all", action="store_true", help="follow next_cursor to the last page")
 

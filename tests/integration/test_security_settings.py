@@ -120,6 +120,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["tenants", "set", "default", "--submit-rate", "1e7"], "above the maximum"),
         (["tenants", "set", "default", "--max-active-jobs", "99999999999999999999"], "above the maximum"),
         (["tenants", "set", "default", "--submit-burst", "2147483648"], "above the maximum"),
+        (["migrate", "--bogus"], "takes no arguments, got: --bogus"),
+        (["settings", "extra"], "takes no arguments, got: extra"),
+        (["jobs", "list", "--limit", "0"], "0 is not between 1 and 200"),
+        (["dlq", "list", "--limit", "x"], "'x' is not a whole number"),
     ],
 )
 def test_cli_rejects_bad_input_with_a_clear_message(args: list[str], message: str) -> None:
