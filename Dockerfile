@@ -46,6 +46,7 @@ EXPOSE 8000
 ENTRYPOINT ["conveyor"]
 CMD ["api"]
 # For `docker run` and compose (Kubernetes ignores it and uses the probes): the API's liveness
-# endpoint. Compose overrides it for the worker (worker-alive) and turns it off for the relay.
+# endpoint. Compose overrides it for the worker (worker-alive) and the relay (relay-alive), and turns
+# it off for migrate.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]

@@ -219,6 +219,40 @@ def test_every_object_carries_the_standard_labels(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_carries_the_standard_labels(overlay: str) -> None:
+    for o in render(overlay):
+        template = o.get("spec", {}).get("template")
+        if template is None:
+            continue
+        labels = template["metadata"].get("labels", {})
+        where = f"{overlay}: pods of {o['kind']} {o['metadata']['name']}"
+        assert labels.get("app.kubernetes.io/part-of") == "conveyor", where
+        assert labels.get("app.kubernetes.io/version") == VERSION, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_migrate_job_needs_only_the_database_url_and_runs_after_what_it_uses(overlay: str) -> None:
+    """A settings change must not change the Job's pod template (Jobs are immutable, so `kubectl apply`
+    would fail), and under Argo CD the Job must run after the ServiceAccount and Secret it uses exist
+    (a PreSync hook runs before any of them is applied) and before the Deployments."""
+    (job,) = objects(overlay, "Job").values()
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert "envFrom" not in container
+    assert [(e["name"], e["valueFrom"]["secretKeyRef"]["key"]) for e in container["env"]] == [
+        ("CONVEYOR_DATABASE_URL", "CONVEYOR_DATABASE_URL")
+    ]
+    annotations = job["metadata"]["annotations"]
+    assert annotations["argocd.argoproj.io/hook"] == "Sync"
+    wave = int(annotations["argocd.argoproj.io/sync-wave"])
+    assert wave < 0, "before the Deployments (wave 0)"
+    used = {("ServiceAccount", job["spec"]["template"]["spec"]["serviceAccountName"]),
+            ("Secret", container["env"][0]["valueFrom"]["secretKeyRef"]["name"])}  # fmt: skip
+    for o in render(overlay):
+        if (o["kind"], o["metadata"]["name"]) in used:
+            assert int(o["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]) < wave, o["kind"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployment_selectors_match_their_pods_and_no_other_deployment(overlay: str) -> None:
     deployments = objects(overlay, "Deployment")
     for name, d in deployments.items():
@@ -287,6 +321,9 @@ def test_envfrom_names_a_rendered_configmap_and_secret(overlay: str) -> None:
     maps = set(objects(overlay, "ConfigMap"))
     secrets = set(objects(overlay, "Secret")) | EXTERNAL_SECRETS.get(overlay, set())
     for where, c in containers(overlay):
+        if "conveyor-migrate" in where:  # only the database URL: the test above
+            assert c["env"][0]["valueFrom"]["secretKeyRef"]["name"] in secrets, where
+            continue
         refs = c.get("envFrom", [])
         assert {"configMapRef", "secretRef"} == {k for r in refs for k in r}, where
         for ref in refs:
