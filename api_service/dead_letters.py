@@ -18,12 +18,13 @@ from api_service.problems import invalid
 from api_service.schemas import (
     CURSOR_ERROR,
     NO_NUL,
+    TENANT,
     StrictSchema,
     UtcDateTime,
     decode_cursor,
     page,
 )
-from shared.api_keys import TENANT_NAME, Scope
+from shared.api_keys import Scope
 from shared.job_types import JsonBoolean
 from shared.store import dead_letters as dead_letter_store
 from shared.store.dead_letters import Selection
@@ -77,9 +78,7 @@ class _Filters(StrictSchema):
     type = fields.List(fields.String(validate=_NAME), metadata={"description": "Job types."})
     queue = fields.List(fields.String(validate=_NAME))
     error_type = fields.List(fields.String(validate=_NAME))
-    tenant = fields.String(
-        validate=validate.Regexp(TENANT_NAME.pattern + r"\Z"), metadata={"description": "Admin keys only."}
-    )
+    tenant = fields.String(validate=TENANT, metadata={"description": "Admin keys only."})
     dead_after = UtcDateTime()
     dead_before = UtcDateTime()
 

@@ -30,6 +30,12 @@ LABEL_KEY = validate.Regexp(
     r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z",
     error="Label keys are 1-63 characters: letters, digits, '.', '_', '/', '-', starting alphanumeric.",
 )
+#: A tenant name, as ``conveyor keys create --tenant`` takes it.
+TENANT = validate.Regexp(
+    TENANT_NAME.pattern + r"\Z",
+    error="Tenant names are 1-63 characters: lowercase letters, digits, '.', '_', '-', starting with a "
+    "letter or digit.",
+)
 LABEL_VALUE = validate.Length(max=256)
 
 
@@ -338,9 +344,10 @@ class JobListQuerySchema(StrictSchema):
     )
     label = fields.List(
         fields.String(
-            validate=validate.Regexp(
-                r"[^:\x00]+:[^\x00]*\Z", error="Use label=key:value (no NUL characters)."
-            )
+            validate=[
+                validate.Regexp(r"[^:\x00]+:[^\x00]*\Z", error="Use label=key:value (no NUL characters)."),
+                lambda value: LABEL_KEY(value.split(":", 1)[0]) is not None,
+            ]
         ),
         metadata={
             "description": "`key:value`; repeat to require several labels.",
@@ -352,7 +359,7 @@ class JobListQuerySchema(StrictSchema):
     )
     created_before = UtcDateTime(metadata={"description": "Created before this time."})
     tenant = fields.String(
-        validate=validate.Regexp(TENANT_NAME.pattern + r"\Z"),
+        validate=TENANT,
         metadata={"description": "Admin keys only: list this tenant's jobs (default: every tenant's)."},
     )
     limit = fields.Integer(

@@ -251,6 +251,15 @@ def test_every_problem_type_resolves(client: FlaskClient) -> None:
 
 
 @pytest.mark.usefixtures("unchanged_database")
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [("label=bad%20key:x", "Label keys are 1-63 characters"), ("tenant=Bad%20Name", "Tenant names are 1-63")],
+)
+def test_list_filters_say_what_a_valid_value_is(client: FlaskClient, query: str, detail: str) -> None:
+    [error] = problem(client.get(f"/v1/jobs?{query}"), 422, "validation-error")["errors"]
+    assert error["detail"].startswith(detail), error
+
+
 def test_list_rejects_unknown_and_invalid_parameters(client: FlaskClient) -> None:
     body = problem(client.get("/v1/jobs?stauts=failed&limit=0&cursor=zzz"), 422, "validation-error")
     assert {e["parameter"] for e in body["errors"]} == {"stauts", "limit", "cursor"}
