@@ -197,7 +197,7 @@ class Executor:
             _report=lambda percent, text: self._report_progress(job, percent, text),
             _cancel_requested=lambda: self._leases.cancel_requested(job.id),
         )
-        self._leases.track(job.id, job.attempts, deadline)
+        self._leases.track(job, deadline)
         try:
             try:
                 with self._deadlines.limit(deadline):

@@ -18,9 +18,11 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from shared import heartbeat
 from shared.errors import StoreUnavailable
+from shared.jobs import Job
 from shared.store import Database
 from shared.store import attempts as attempt_store
 
@@ -31,6 +33,8 @@ logger = logging.getLogger(__name__)
 class RunningAttempt:
     job_id: uuid.UUID
     attempt: int
+    #: When the attempt was claimed: with the number, what fences it (``attempts._fence``).
+    started_at: datetime
     #: time.monotonic() after which the lease is no longer renewed.
     renew_until: float
 
@@ -47,9 +51,13 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def track(self, job_id: uuid.UUID, attempt: int, deadline: float) -> None:
+    def track(self, job: Job, deadline: float) -> None:
+        """Renew ``job``'s lease (the attempt it was claimed for) until ``deadline`` plus a lease."""
+        assert job.started_at is not None, "a claimed job has started"
         with self._lock:
-            self._running[job_id] = RunningAttempt(job_id, attempt, deadline + self._lease)
+            self._running[job.id] = RunningAttempt(
+                job.id, job.attempts, job.started_at, deadline + self._lease
+            )
 
     def untrack(self, job_id: uuid.UUID) -> None:
         with self._lock:
@@ -88,7 +96,7 @@ class LeaseKeeper:
         """Renew the leases of this process's running jobs and learn of cancel requests; how many."""
         now = time.monotonic()
         with self._lock:
-            due = [(a.job_id, a.attempt) for a in self._running.values() if a.renew_until > now]
+            due = [(a.job_id, a.attempt, a.started_at) for a in self._running.values() if a.renew_until > now]
         if not due:
             return 0
         cancelled = self._db.execute(lambda cur: attempt_store.renew_leases(cur, due, self._lease))

@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from shared.jobs import WORKER_LOST, Job, JobError, JobStatus, sources_of
@@ -88,8 +89,9 @@ _WRITE_ROUND = Prepared(
     WITH succeeded AS (
         UPDATE jobs SET status = '{JobStatus.SUCCEEDED.value}', result = mine.result::jsonb, error = NULL,
                         finished_at = now(), updated_at = now(), lease_expires_at = NULL
-        FROM unnest(%(done)s, %(attempts)s, %(results)s) AS mine(id, attempt, result)
+        FROM unnest(%(done)s, %(attempts)s, %(started)s, %(results)s) AS mine(id, attempt, started_at, result)
         WHERE jobs.id = mine.id AND jobs.status = '{JobStatus.RUNNING.value}' AND jobs.attempts = mine.attempt
+              AND jobs.started_at = mine.started_at
         RETURNING jobs.id
     ), claimed AS (
         UPDATE jobs
@@ -119,7 +121,7 @@ _WRITE_ROUND = Prepared(
     ORDER BY claimed.n
     """,  # noqa: S608 - fixed fragments only
     {"claims": "uuid[]", "lease": "double precision", "claimable": "text[]", "done": "uuid[]",
-     "attempts": "int[]", "results": "text[]"},
+     "attempts": "int[]", "started": "timestamptz[]", "results": "text[]"},
 )  # fmt: skip
 
 
@@ -138,6 +140,7 @@ def write_round(
             "claimable": _CLAIMABLE,
             "done": [job.id for job, _ in successes],
             "attempts": [job.attempts for job, _ in successes],
+            "started": [job.started_at for job, _ in successes],
             "results": [result for _, result in successes],
         },
     )
@@ -156,7 +159,18 @@ def write_round(
 
 
 def _fence() -> str:
-    return "id = %(id)s AND status = %(running)s AND attempts = %(attempt)s"
+    """The attempt a worker claimed: its number and its claim's time. The number alone could match a
+    later attempt: a replay starts the count again from zero."""
+    return "id = %(id)s AND status = %(running)s AND attempts = %(attempt)s AND started_at = %(started_at)s"
+
+
+def _attempt(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "running": JobStatus.RUNNING.value,
+        "attempt": job.attempts,
+        "started_at": job.started_at,
+    }
 
 
 def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -> JobStatus | None:
@@ -182,9 +196,7 @@ def record_retry(cur: Cursor, job: Job, error: JobError, delay_seconds: float) -
         SELECT status FROM retried
         """,  # noqa: S608
         {
-            "id": job.id,
-            "running": JobStatus.RUNNING.value,
-            "attempt": job.attempts,
+            **_attempt(job),
             "retrying": JobStatus.RETRYING.value,
             "cancelled": JobStatus.CANCELLED.value,
             "error": json_param(error.as_dict()),
@@ -204,9 +216,7 @@ def record_cancelled(cur: Cursor, job: Job) -> bool:
         WHERE {_fence()}
         """,  # noqa: S608
         {
-            "id": job.id,
-            "running": JobStatus.RUNNING.value,
-            "attempt": job.attempts,
+            **_attempt(job),
             "cancelled": JobStatus.CANCELLED.value,
         },
     )
@@ -222,9 +232,7 @@ def record_failure(cur: Cursor, job: Job, error: JobError) -> bool:
         WHERE {_fence()}
         """,  # noqa: S608
         {
-            "id": job.id,
-            "running": JobStatus.RUNNING.value,
-            "attempt": job.attempts,
+            **_attempt(job),
             "failed": JobStatus.FAILED.value,
             "error": json_param(error.as_dict()),
         },
@@ -238,9 +246,7 @@ def record_progress(cur: Cursor, job: Job, progress: dict[str, Any]) -> bool:
         f"UPDATE jobs SET progress = %(progress)s, updated_at = now() WHERE {_fence()}"  # noqa: S608
         " RETURNING cancel_requested_at IS NOT NULL",
         {
-            "id": job.id,
-            "running": JobStatus.RUNNING.value,
-            "attempt": job.attempts,
+            **_attempt(job),
             "progress": json_param(progress),
         },
     )
@@ -249,22 +255,26 @@ def record_progress(cur: Cursor, job: Job, progress: dict[str, Any]) -> bool:
 
 
 def renew_leases(
-    cur: Cursor, running: Sequence[tuple[uuid.UUID, int]], lease_seconds: float
+    cur: Cursor, running: Sequence[tuple[uuid.UUID, int, datetime]], lease_seconds: float
 ) -> set[uuid.UUID]:
-    """Extend the lease of each (job id, attempt) still running; returns those asked to cancel."""
+    """Extend the lease of each attempt (job id, attempt number, claim time) still running; returns the
+    jobs asked to cancel."""
     if not running:
         return set()
     cur.execute(
         """
         UPDATE jobs SET lease_expires_at = now() + %(lease)s * interval '1 second'
-        FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS mine(id, attempts)
-        WHERE jobs.id = mine.id AND jobs.attempts = mine.attempts AND jobs.status = %(running)s
+        FROM unnest(%(ids)s::uuid[], %(attempts)s::int[], %(started)s::timestamptz[])
+             AS mine(id, attempts, started_at)
+        WHERE jobs.id = mine.id AND jobs.attempts = mine.attempts AND jobs.started_at = mine.started_at
+              AND jobs.status = %(running)s
         RETURNING jobs.id, jobs.cancel_requested_at IS NOT NULL
         """,
         {
             "lease": lease_seconds,
-            "ids": [job_id for job_id, _ in running],
-            "attempts": [attempt for _, attempt in running],
+            "ids": [job_id for job_id, _, _ in running],
+            "attempts": [attempt for _, attempt, _ in running],
+            "started": [started_at for _, _, started_at in running],
             "running": JobStatus.RUNNING.value,
         },
     )

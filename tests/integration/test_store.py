@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import psycopg2
@@ -154,6 +155,36 @@ def test_outcome_of_a_taken_over_attempt_is_discarded(db: Database, dsn: str) ->
     assert (job.status, job.result, job.attempts) == (JobStatus.SUCCEEDED, "fresh", 2)
 
 
+def test_an_attempt_from_before_a_replay_cannot_write_over_the_new_one(db: Database, dsn: str) -> None:
+    """A replay starts the attempt count again, so the new cycle's first attempt has the number of the
+    stale one (a worker cut off from Postgres while its lease lapsed, the job failed and was replayed).
+    The claim's time tells them apart: the stale attempt can neither renew, report nor finish."""
+    job_id = insert(db, max_attempts=1)
+    stale = claim(db, job_id)
+    assert isinstance(stale, attempt_store.Claimed)
+    with pg(dsn) as cur:
+        cur.execute(
+            "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (str(job_id),)
+        )
+    db.execute(lambda cur: attempt_store.recover_lapsed_leases(cur, limit=1000, retry_base=0, retry_cap=0))
+    moved, _ = db.run(lambda cur: job_store.retry_job(cur, job_id, None))
+    assert moved
+    fresh = claim(db, job_id)
+    assert isinstance(fresh, attempt_store.Claimed)
+    assert fresh.job.attempts == stale.job.attempts == 1
+    assert stale.job.started_at is not None
+    old = (job_id, 1, stale.job.started_at)
+    assert db.execute(lambda cur: attempt_store.renew_leases(cur, [old], 30)) == set()
+    db.execute(lambda cur: attempt_store.record_progress(cur, stale.job, {"percent": 1}))
+    stale_error = JobError("Stale", "stale", "stale", 1)
+    assert not db.execute(lambda cur: attempt_store.record_failure(cur, stale.job, stale_error))
+    assert not db.execute(lambda cur: attempt_store.record_success(cur, stale.job, "stale"))
+    assert db.execute(lambda cur: attempt_store.record_success(cur, fresh.job, "fresh"))
+    job = db.execute(lambda cur: job_store.get_job(cur, job_id))
+    assert job is not None
+    assert (job.status, job.result, job.progress) == (JobStatus.SUCCEEDED, "fresh", None)
+
+
 def test_lapsed_lease_fails_the_job_when_attempts_are_used_up(db: Database, dsn: str) -> None:
     job_id = insert(db, max_attempts=1)
     assert isinstance(claim(db, job_id, lease=0.01), attempt_store.Claimed)
@@ -178,20 +209,24 @@ def lease_left(dsn: str, job_id: uuid.UUID) -> float:
 
 def test_renewal_reports_a_cancel_request(db: Database, dsn: str) -> None:
     job_id = insert(db)
-    assert isinstance(claim(db, job_id), attempt_store.Claimed)
+    claimed = claim(db, job_id)
+    assert isinstance(claimed, attempt_store.Claimed)
+    assert claimed.job.started_at is not None
     assert db.run(lambda cur: job_store.cancel_job(cur, job_id, None)).cancel_requested_at is not None  # type: ignore[union-attr]
-    assert db.execute(lambda cur: attempt_store.renew_leases(cur, [(job_id, 1)], 30)) == {job_id}
+    attempt = (job_id, 1, claimed.job.started_at)
+    assert db.execute(lambda cur: attempt_store.renew_leases(cur, [attempt], 30)) == {job_id}
 
 
 def test_renewed_lease_keeps_the_job_running(db: Database, dsn: str) -> None:
     job_id = insert(db)
     claimed = claim(db, job_id, lease=0.5)
     assert isinstance(claimed, attempt_store.Claimed)
-    assert (
-        db.execute(lambda cur: attempt_store.renew_leases(cur, [(job_id, 2)], 3600)) == set()
-    )  # wrong attempt
+    assert claimed.job.started_at is not None
+    started_at = claimed.job.started_at
+    for other in [(job_id, 2, started_at), (job_id, 1, started_at - timedelta(seconds=1))]:
+        assert db.execute(lambda cur: attempt_store.renew_leases(cur, [other], 3600)) == set()  # noqa: B023
     assert lease_left(dsn, job_id) < 1, "another attempt's renewal changed nothing"
-    assert db.execute(lambda cur: attempt_store.renew_leases(cur, [(job_id, 1)], 30)) == set()
+    assert db.execute(lambda cur: attempt_store.renew_leases(cur, [(job_id, 1, started_at)], 30)) == set()
     assert 25 < lease_left(dsn, job_id) <= 30
     time.sleep(0.6)
     recovered = db.execute(
