@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from shared.errors import StoreUnavailable
 from shared.job_types import JobType
-from shared.jobs import Job, JobError, JobStatus, retry_delay_seconds
+from shared.jobs import Job, JobError, JobStatus, retry_delay_seconds, storable_text
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
@@ -247,7 +247,8 @@ class Executor:
         )
 
     def _report_progress(self, job: Job, percent: float | None, text: str | None) -> None:
-        progress = {"percent": percent, "message": text}
+        # A NUL or an unpaired surrogate would make Postgres refuse the write, and the attempt fail.
+        progress = {"percent": percent, "message": None if text is None else storable_text(text)}
         try:
             if self._db.execute(lambda cur: attempt_store.record_progress(cur, job, progress)):
                 self._leases.note_cancel_requested(job.id)

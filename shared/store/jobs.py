@@ -98,7 +98,7 @@ _INSERTS = f"""
         INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
                           timeout_seconds, run_at, labels, request_id)
         SELECT id, %(tenant)s, type, queue, %(status)s, payload, priority, max_attempts, timeout,
-               COALESCE(run_at, now() + delay * interval '1 second'), labels, %(request_id)s
+               greatest(COALESCE(run_at, now() + delay * interval '1 second'), now()), labels, %(request_id)s
         FROM item
         WHERE {{admit}} AND (key IS NULL OR id IN (SELECT job_id FROM key_row))
         ORDER BY n

@@ -206,6 +206,15 @@ def test_a_surrogate_pair_and_an_escaped_backslash_are_fine(client: FlaskClient)
     assert response.get_json()["labels"] == {"emoji": "\U0001f600", "text": "\\ud800"}
 
 
+def test_a_run_at_in_the_past_means_now(client: FlaskClient) -> None:
+    """As api.md says; stored as sent, it made the job look 27 years overdue to the wait metrics and
+    the queue statistics (and their stuck-job alert)."""
+    response = post(client, {"type": "noop", "run_at": "2000-01-01T00:00:00Z"})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    job = response.get_json()
+    assert job["run_at"] >= job["created_at"]
+
+
 def test_longest_allowed_idempotency_key_is_accepted(client: FlaskClient) -> None:
     response = post(client, {"type": "noop"}, headers={"Idempotency-Key": "k" * 255})
     assert response.status_code == 202, response.get_data(as_text=True)

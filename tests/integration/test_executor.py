@@ -121,3 +121,20 @@ def test_an_unexpected_error_dead_letters_the_message_instead_of_acking_it(
     executor.execute(REGISTRY["noop"], lambda payload, ctx: None, message)
     assert message.failed
     assert job_row(dsn, job_id)[0] == "queued"
+
+
+def test_progress_text_postgres_cannot_store_is_kept_readably(
+    executor: Executor, db: Database, dsn: str
+) -> None:
+    """Progress is best effort: a NUL or an unpaired surrogate in its text failed the attempt."""
+    job_id = insert(db)
+
+    def handler(payload: dict[str, Any], ctx: JobContext) -> str:
+        ctx.report_progress(10, "bad\x00name \udc80")
+        return "done"
+
+    executor.execute(REGISTRY["noop"], handler, FakeMessage(job_id))
+    wait_for(lambda: job_row(dsn, job_id)[0] == "succeeded", timeout=5, what="the job to succeed")
+    with pg(dsn) as cur:
+        cur.execute("SELECT progress->>'message' FROM jobs WHERE id = %s", (str(job_id),))
+        assert cur.fetchone() == ("bad\\u0000name \\udc80",)
