@@ -39,7 +39,7 @@ from api_service.schemas import (
 from api_service.submission import IdempotentRequest, submit_job
 from shared.api_keys import Scope
 from shared.errors import JobNotFound
-from shared.jobs import Job, JobStatus, NewJob
+from shared.jobs import RETRYABLE_BY_OPERATOR, Job, JobStatus, NewJob
 from shared.store import jobs as job_store
 
 blp = Blueprint(
@@ -219,7 +219,7 @@ class RetryJob(MethodView):
         example=QUEUED_JOB_EXAMPLE,
     )
     @documents_problems(
-        *_ONE_JOB_PROBLEMS, *BODY, "illegal-transition",
+        *_ONE_JOB_PROBLEMS, *BODY, "illegal-transition", "too-many-active-jobs",
         descriptions={409: "The job is not failed or cancelled (`/problems/illegal-transition`)."},
     )  # fmt: skip
     def post(self, job_id: uuid.UUID) -> tuple[Job, int, dict[str, str]]:
@@ -229,9 +229,13 @@ class RetryJob(MethodView):
         the old message is still somewhere: the worker only runs a job it can claim.
         """
         tenant = _own_tenant()
-        moved, job = services().db.run(lambda cur: job_store.retry_job(cur, job_id, tenant))
+        # The tenant's cap on active jobs holds for retries too (an admin's retry is not capped).
+        cap = None if tenant is None else current_limits().max_active_jobs
+        moved, job = services().db.run(lambda cur: job_store.retry_job(cur, job_id, tenant, cap))
         if job is None:
             raise JobNotFound(f"No job has the id {job_id}.")
+        if not moved and cap is not None and job.status in RETRYABLE_BY_OPERATOR:
+            raise job_store.too_many_active(cap)
         if not moved:
             raise Problem(
                 "illegal-transition",

@@ -467,12 +467,18 @@ def requeue_jobs(cur: Cursor, where: str, params: dict[str, Any]) -> list[uuid.U
     return [row[0] for row in cur.fetchall()]
 
 
-def retry_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None) -> tuple[bool, Job | None]:
-    """Requeue one failed or cancelled job; (whether it moved, the job as it is now)."""
+def retry_job(
+    cur: Cursor, job_id: uuid.UUID, tenant: str | None, max_active_jobs: int | None = None
+) -> tuple[bool, Job | None]:
+    """Requeue one failed or cancelled job; (whether it moved, the job as it is now). With
+    ``max_active_jobs``, only while its tenant has fewer jobs waiting or running than that: a retry
+    makes a job active again, as a submission does."""
     moved = requeue_jobs(
         cur,
-        "id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)",
-        {"id": job_id, "tenant": tenant},
+        "id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
+        " AND (%(max_active)s::bigint IS NULL OR (SELECT COALESCE(sum(t.jobs), 0) FROM tenant_active_jobs t"
+        " WHERE t.tenant = jobs.tenant) < %(max_active)s)",
+        {"id": job_id, "tenant": tenant, "max_active": max_active_jobs},
     )
     return bool(moved), get_job(cur, job_id, tenant)
 

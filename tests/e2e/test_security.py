@@ -218,6 +218,25 @@ def test_active_jobs_are_capped_per_tenant(api: ApiClient, service_env: dict[str
     assert client.submit({"type": "noop", "delay_seconds": 3600}).status_code == 202
 
 
+def test_a_retry_counts_against_the_cap_like_a_submission(
+    api: ApiClient, service_env: dict[str, str]
+) -> None:
+    """Submit, cancel, retry: without the check, any key with jobs:write took its tenant past its cap."""
+    name = f"cap-{uuid.uuid4().hex[:8]}"
+    client = as_key(api, limited_tenant(service_env, name, "--max-active-jobs", "1"))
+    first = client.submit({"type": "noop", "delay_seconds": 3600}).json()
+    assert (
+        client.session.post(f"{client.base_url}/v1/jobs/{first['id']}/cancel", timeout=10).status_code == 200
+    )
+    second = client.submit({"type": "noop", "delay_seconds": 3600})
+    assert second.status_code == 202, "the cancelled job left room"
+    refused = client.session.post(f"{client.base_url}/v1/jobs/{first['id']}/retry", timeout=10)
+    expect_problem(refused, 429, "too-many-active-jobs")
+    assert client.session.post(f"{client.base_url}/v1/jobs/{second.json()['id']}/cancel", timeout=10).ok
+    retried = client.session.post(f"{client.base_url}/v1/jobs/{first['id']}/retry", timeout=10)
+    assert retried.status_code == 202, retried.text
+
+
 @pytest.mark.usefixtures("unchanged_database")
 def test_deeply_nested_json_is_400(api: ApiClient, settings: Any) -> None:
     depth = settings.max_json_depth + 1
