@@ -166,8 +166,8 @@ class Settings:
     idempotency_ttl_seconds: int = setting(
         "CONVEYOR_IDEMPOTENCY_TTL_SECONDS",
         86_400,
-        "How long an Idempotency-Key is remembered (24 h, as Stripe). A key reused after it is a new "
-        "request.",
+        "How long an Idempotency-Key is remembered (24 h, as Stripe), from the request or from its "
+        "job's run_at if later. A key reused after it is a new request.",
         minimum=60,
     )
     # --- Worker ---------------------------------------------------------------------------------

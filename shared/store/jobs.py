@@ -72,10 +72,11 @@ class NewRow:
 
 # The inserts of a submission, as CTEs of one statement, for the rows of ``item`` that ``{admit}`` lets
 # in (a condition that may use ``n``, a row's position): each row's idempotency key first (replacing an
-# expired one), then the job, only together with its key, then its outbox row. A job due now has its
-# outbox row held for the grace period, so that the relay leaves it to the API, which publishes it
-# right after COMMIT. The key row names a job inserted later in the same statement: the foreign key is
-# checked when the statement ends.
+# expired one), then the job, only together with its key, then its outbox row. A key lives for its TTL
+# from the job's start (``run_at``, at the earliest now): a scheduled job keeps its key until then. A
+# job due now has its outbox row held for the grace period, so that the relay leaves it to the API,
+# which publishes it right after COMMIT. The key row names a job inserted later in the same statement:
+# the foreign key is checked when the statement ends.
 _INSERTS = f"""
     item AS (
         SELECT * FROM unnest(%(ids)s, %(types)s, %(queues)s, %(payloads)s, %(priorities)s,
@@ -85,7 +86,9 @@ _INSERTS = f"""
                                  delay, labels, key, fingerprint, key_ttl, key_status, n)
     ), key_row AS (
         INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
-        SELECT %(tenant)s, key, fingerprint, id, key_status, now() + key_ttl * interval '1 second'
+        SELECT %(tenant)s, key, fingerprint, id, key_status,
+               greatest(COALESCE(run_at, now() + delay * interval '1 second'), now())
+                   + key_ttl * interval '1 second'
         FROM item
         WHERE key IS NOT NULL AND {{admit}}
         ON CONFLICT (tenant, key) DO UPDATE

@@ -318,6 +318,29 @@ def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> N
         assert cur.fetchall() == [(live,)]
 
 
+def test_a_scheduled_jobs_key_lives_until_a_ttl_after_the_job_is_due(db: Database, dsn: str) -> None:
+    """A job scheduled a week ahead must not lose its key after a day: a client retrying its
+    submission then would create a second job."""
+    week, day = 7 * 86_400.0, 86_400
+    keys = {f"now-{uuid.uuid4()}": new_job(), f"later-{uuid.uuid4()}": new_job(delay_seconds=week)}
+    for key, new in keys.items():
+        record = job_store.IdempotencyRecord(key, "fp", day, 202)
+        db.run(lambda cur, r=record, n=new: insert_job(  # type: ignore[misc]
+            cur, uuid.uuid4(), n, outbox_grace_seconds=0, idempotency=r))  # fmt: skip
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT k.key, EXTRACT(EPOCH FROM k.expires_at - j.run_at),"
+            " EXTRACT(EPOCH FROM k.expires_at - now())"
+            " FROM idempotency_keys k JOIN jobs j ON j.id = k.job_id WHERE k.key = ANY(%s)",
+            (list(keys),),
+        )
+        rows = cur.fetchall()
+    lifetimes = {key.split("-")[0]: (float(after_due), float(left)) for key, after_due, left in rows}
+    assert lifetimes["now"][1] == pytest.approx(day, abs=5)
+    assert lifetimes["later"][0] == pytest.approx(day, abs=5)
+    assert lifetimes["later"][1] == pytest.approx(week + day, abs=5)
+
+
 def test_pruning_deletes_old_finished_jobs_but_never_dead_letters(db: Database, dsn: str) -> None:
     def finished(outcome: str) -> uuid.UUID:
         job_id = insert(db, max_attempts=1)
