@@ -132,6 +132,8 @@ def _check_request_body() -> None:
         return
     has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
     if not has_body:
+        if "json" in _declared_arguments():  # an empty body is not JSON (it was a 422 for its fields)
+            raise Problem("malformed-json", "The request body is empty; send a JSON object.")
         return
     if not request.is_json:
         raise UnsupportedMediaType(
@@ -156,20 +158,25 @@ def _check_request_body() -> None:
 def _refuse_unknown_query_parameters() -> None:
     """422 for a query parameter on a /v1 operation that declares none (those that declare some refuse
     unknown ones in their own schema). A misspelt option must not be silently ignored."""
-    if not request.args or not request.path.startswith("/v1/") or request.endpoint is None:
-        return
-    view: Any = current_app.view_functions[request.endpoint]
-    method = getattr(
-        getattr(view, "view_class", None), "get" if request.method == "HEAD" else request.method.lower(), None
-    )
-    declared = getattr(method, "_apidoc", {}).get("arguments", {}).get("parameters", [])
-    if any(argument.get("in") == "query" for argument in declared):
+    if not request.args or not request.path.startswith("/v1/") or "query" in _declared_arguments():
         return
     raise Problem(
         "validation-error",
         "The request is invalid; see `errors`.",
         errors=[{"parameter": name, "detail": "Unknown parameter."} for name in sorted(set(request.args))],
     )
+
+
+def _declared_arguments() -> set[str]:
+    """Where the operation of this request takes arguments from (flask-smorest's ``in``: ``query``,
+    ``json``), as its ``@blp.arguments`` declare them."""
+    if request.endpoint is None:
+        return set()
+    view: Any = current_app.view_functions[request.endpoint]
+    method = "get" if request.method == "HEAD" else request.method.lower()
+    operation = getattr(getattr(view, "view_class", None), method, None)
+    declared = getattr(operation, "_apidoc", {}).get("arguments", {}).get("parameters", [])
+    return {argument.get("in") for argument in declared}
 
 
 def json_depth(body: bytes) -> int:

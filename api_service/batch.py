@@ -9,6 +9,7 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import fields, validate
+from werkzeug.exceptions import BadRequest
 
 from api_service.auth import current_limits, current_principal, requires
 from api_service.context import services
@@ -91,7 +92,11 @@ class JobBatch(MethodView):
             raise IdempotencyKeyInvalid(
                 "A batch takes no Idempotency-Key header: give each job its own idempotency_key."
             )
-        raw_items = _items(request.get_json())
+        try:
+            body = request.get_json()
+        except BadRequest:  # not JSON, or empty: the problem every other body gets, not about:blank
+            raise Problem("malformed-json", "The request body is not valid JSON.") from None
+        raw_items = _items(body)
         svc = services()
         results: dict[int, dict[str, Any]] = {}
         valid: list[BatchItem] = []

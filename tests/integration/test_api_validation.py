@@ -157,6 +157,16 @@ class TestRejectedSubmissions:
         response = client.post("/v1/jobs", data='{"type": "noop",', content_type="application/json")
         problem(response, 400, "malformed-json")
 
+    @pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs/batch", "/v1/dead-letters/replay"])
+    @pytest.mark.parametrize("body", ["", '{"jobs": ['], ids=["empty", "cut-short"])
+    def test_a_body_that_is_not_json_is_400_on_every_operation_that_takes_one(
+        self, client: FlaskClient, keys: Keys, path: str, body: str
+    ) -> None:
+        """An empty body was a 422 for its missing fields; the batch's malformed body was about:blank."""
+        admin = {"Authorization": f"Bearer {keys.admin}"}
+        response = client.post(path, data=body, content_type="application/json", headers=admin)
+        problem(response, 400, "malformed-json")
+
     @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
     def test_non_json_content_type_is_415(self, client: FlaskClient, content_type: str | None) -> None:
         response = client.post("/v1/jobs", data='{"type": "noop"}', content_type=content_type)
