@@ -26,7 +26,7 @@ from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem, invalid, pointer
 from api_service.published_rows import PublishedRows
 from api_service.schemas import SURROGATE_MESSAGE, Cursor, unpaired_surrogate_path
-from shared.broker import PUBLISH_FAILURES, Publisher, create_broker
+from shared.broker import Publisher, create_broker
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 from shared.store import Database
@@ -100,7 +100,6 @@ def create_app(settings: Settings | None = None) -> Flask:
             create_broker(settings),
             settings.queue_prefix,
             settings.publish_backoff_seconds,
-            on_failure=PUBLISH_FAILURES.inc,
         ),
     )
     api = ConveyorApi(app, spec_kwargs={"extra_plugins": [openapi_docs.ConveyorDocs()]})

@@ -14,7 +14,7 @@ from werkzeug.exceptions import BadRequest
 from api_service.auth import current_limits, current_principal, requires
 from api_service.context import services
 from api_service.idempotency import HEADER, MAX_KEY_LENGTH, fingerprint, parse_key
-from api_service.metrics import count_submission, counting_submission_refusals
+from api_service.metrics import count_refusal, count_submission, counting_submission_refusals
 from api_service.openapi_docs import AUTHENTICATED, BODY, ProblemSchema, documents_problems, header
 from api_service.problems import Problem, from_conveyor_error, invalid, validation_errors
 from api_service.rate_limit import rate_limit_headers
@@ -119,6 +119,7 @@ class JobBatch(MethodView):
                                           "job": outcome.submission.job, "problem": None}  # fmt: skip
             else:
                 assert outcome.refusal is not None
+                count_refusal(outcome.refusal)
                 results[outcome.index] = _refused(outcome.index, from_conveyor_error(outcome.refusal))
         ordered = [results[i] for i in range(len(raw_items))]
         body = {

@@ -55,12 +55,18 @@ def _before() -> None:
     g.request_started = time.perf_counter()
 
 
+#: The ``method`` label's values: a client can send any method name, and each would be a new series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+
+
 def _after(response: Response) -> Response:
     route = request.url_rule.rule if request.url_rule is not None else UNMATCHED
-    HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+    method = request.method if request.method in METHODS else OTHER_METHOD
+    HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
     started = g.get("request_started")
     if started is not None:
-        HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
+        HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
     return response
 
 
@@ -69,18 +75,22 @@ def counting_submission_refusals() -> Iterator[None]:
     """Count submissions refused for their idempotency key or a tenant limit (then re-raise)."""
     try:
         yield
-    except IdempotencyKeyInFlight:
+    except (IdempotencyKeyInFlight, IdempotencyKeyReused, RateLimited, TooManyActiveJobs) as exc:
+        count_refusal(exc)
+        raise
+
+
+def count_refusal(refusal: Exception) -> None:
+    """Count one submission refused for its idempotency key or a tenant limit (a batch's jobs one by
+    one); other refusals (invalid jobs) are not counted here."""
+    if isinstance(refusal, IdempotencyKeyInFlight):
         IDEMPOTENCY_CONFLICTS.labels("in_flight").inc()
-        raise
-    except IdempotencyKeyReused:
+    elif isinstance(refusal, IdempotencyKeyReused):
         IDEMPOTENCY_CONFLICTS.labels("reused").inc()
-        raise
-    except RateLimited:
+    elif isinstance(refusal, RateLimited):
         LIMITED.labels("rate").inc()
-        raise
-    except TooManyActiveJobs:
+    elif isinstance(refusal, TooManyActiveJobs):
         LIMITED.labels("active_jobs").inc()
-        raise
 
 
 def count_submission(job_type: str, replayed: bool) -> None:

@@ -143,9 +143,10 @@ def create_broker(settings: Settings, middleware: Sequence[dramatiq.Middleware] 
 
 #: One counter for every process that publishes job messages: the API (its publishes after COMMIT) and
 #: the relay (its outbox rounds) each export it, and ``sum by (job)`` tells them apart (docs/metrics.md).
+#: It counts messages, not calls: a batch of 100 that RabbitMQ did not confirm adds 100.
 PUBLISH_FAILURES = Counter(
     "conveyor_outbox_publish_failures_total",
-    "Publishes that RabbitMQ refused or did not confirm; their jobs stay in the outbox for the relay.",
+    "Messages that RabbitMQ refused or did not confirm; their jobs stay in the outbox for the relay.",
 )
 
 
@@ -162,9 +163,7 @@ class Publisher:
         broker: RabbitmqBroker,
         queue_prefix: str,
         backoff_seconds: float,
-        on_failure: Callable[[], None] | None = None,
     ) -> None:
-        self._on_failure = on_failure
         self._broker = broker
         self._prefix = queue_prefix
         self._backoff = backoff_seconds
@@ -182,12 +181,14 @@ class Publisher:
                 self._broker.declare_queue(queue, ensure=True)
         except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
             logger.warning("cannot declare queues, nothing published: %s", exc)
+            PUBLISH_FAILURES.inc(len(dispatches))
             return []
         outgoing = [
             OutgoingMessage(message.queue_name, message.encode(), message.message_id, dispatch.priority)
             for message, dispatch in zip(messages, dispatches, strict=True)
         ]
         confirmed = self._confirming.publish(outgoing)
+        PUBLISH_FAILURES.inc(confirmed.count(False))
         for message, ok in zip(messages, confirmed, strict=True):
             if not ok:
                 # Perhaps returned: its queue was deleted since this process declared it. Declared
@@ -206,8 +207,6 @@ class Publisher:
             return []
         published = self.publish_all(dispatches)
         if len(published) < len(dispatches):
-            if self._on_failure is not None:
-                self._on_failure()
             with self._lock:
                 self._closed_until = time.monotonic() + self._backoff
             logger.warning(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from shared import heartbeat
-from shared.broker import PUBLISH_FAILURES, DeadLetterReader, Publisher, create_broker
+from shared.broker import DeadLetterReader, Publisher, create_broker
 from shared.errors import BrokerUnavailable, StoreUnavailable
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -130,8 +130,6 @@ class Relay:
         if not report.published and not report.failed_publishes:
             return
         relay_metrics.OUTBOX_PUBLISHED.inc(report.published)
-        if report.failed_publishes:
-            PUBLISH_FAILURES.inc()
         logger.info(
             "published %d outbox message(s), %d left for later", report.published, report.failed_publishes
         )

@@ -196,6 +196,10 @@ def test_api_metrics_use_route_templates_and_count_submissions(
     job_id = api.submit(body, key=key).json()["id"]
     api.submit(body, key=key)  # replay
     api.submit({**body, "priority": 1}, key=key)  # reused with another body: 422
+    reused_in_a_batch = {"jobs": [{**body, "priority": 2, "idempotency_key": key}]}
+    assert api.session.post(f"{api.base_url}/v1/jobs/batch", json=reused_in_a_batch, timeout=10).ok
+    for _ in range(3):  # invented methods: one series for all of them, not one each
+        api.session.request(f"X{uuid.uuid4().hex[:8].upper()}", f"{api.base_url}/v1/jobs", timeout=10)
     api.job(job_id)
     after = scrape(url, auth)
 
@@ -204,7 +208,10 @@ def test_api_metrics_use_route_templates_and_count_submissions(
 
     assert delta("conveyor_jobs_submitted_total", type="noop") == 1
     assert delta("conveyor_idempotent_replays_total") == 1
-    assert delta("conveyor_idempotency_conflicts_total", reason="reused") == 1
+    assert delta("conveyor_idempotency_conflicts_total", reason="reused") == 2, "the batch's job counts"
+    methods = {dict(labels)["method"] for name, labels in after if name == "conveyor_http_requests_total"}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}, methods
+    assert delta("conveyor_http_requests_total", method="other", route="unmatched", status="405") == 3
     route = "/v1/jobs/<uuid:job_id>"
     assert delta("conveyor_http_requests_total", method="GET", route=route, status="200") == 1
     assert not [k for k in after if job_id in str(k)], "no job id ever becomes a label"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pika
 import pytest
+from prometheus_client import REGISTRY
 from support import RUN_ID, amqp_channel, queue_counts, wait_for
 
 from shared.broker import Publisher, create_broker, url_with_defaults
@@ -148,7 +149,9 @@ def test_a_queue_deleted_behind_the_publishers_back_is_declared_again(settings: 
         assert len(publisher.publish_all([dispatch()])) == 1
         with amqp_channel(settings.broker_url) as channel:
             channel.queue_delete(queue=queue)
-        assert publisher.publish_all([dispatch()]) == [], "returned: its queue is gone"
+        failures = publish_failures()
+        assert publisher.publish_all([dispatch(), dispatch()]) == [], "returned: its queue is gone"
+        assert publish_failures() - failures == 2, "the counter counts messages, not calls"
         assert len(publisher.publish_all([dispatch()])) == 1, "the queue is declared again"
         assert queue_counts(settings.broker_url, queue)[0] == 1
     finally:
@@ -156,3 +159,7 @@ def test_a_queue_deleted_behind_the_publishers_back_is_declared_again(settings: 
         with amqp_channel(settings.broker_url) as channel:
             for suffix in ("", ".DQ", ".XQ"):
                 channel.queue_delete(queue=queue + suffix)
+
+
+def publish_failures() -> float:
+    return REGISTRY.get_sample_value("conveyor_outbox_publish_failures_total") or 0.0
