@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
 
@@ -169,12 +168,7 @@ def _refuse_unknown_query_parameters() -> None:
 def _declared_arguments() -> set[str]:
     """Where the operation of this request takes arguments from (flask-smorest's ``in``: ``query``,
     ``json``), as its ``@blp.arguments`` declare them."""
-    if request.endpoint is None:
-        return set()
-    view: Any = current_app.view_functions[request.endpoint]
-    method = "get" if request.method == "HEAD" else request.method.lower()
-    operation = getattr(getattr(view, "view_class", None), method, None)
-    declared = getattr(operation, "_apidoc", {}).get("arguments", {}).get("parameters", [])
+    declared = getattr(auth.request_operation(), "_apidoc", {}).get("arguments", {}).get("parameters", [])
     return {argument.get("in") for argument in declared}
 
 

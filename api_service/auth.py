@@ -83,13 +83,20 @@ def authenticate_request() -> None:
 
 
 def _required_scope() -> Scope | None:
-    view: object = current_app.view_functions[request.endpoint or ""]
-    view_class = getattr(view, "view_class", None)
-    if view_class is not None:
-        method = "get" if request.method == "HEAD" else request.method.lower()  # HEAD runs the GET view
-        view = getattr(view_class, method, None)
-    scope: Scope | None = getattr(view, _REQUIRED_SCOPE, None)
+    scope: Scope | None = getattr(request_operation(), _REQUIRED_SCOPE, None)
     return scope
+
+
+def request_operation() -> object:
+    """The function that serves this request: the view class's method for it (HEAD runs the GET one),
+    or the view function itself; None if no route matched."""
+    if request.endpoint is None:
+        return None
+    view: object = current_app.view_functions[request.endpoint]
+    view_class = getattr(view, "view_class", None)
+    if view_class is None:
+        return view
+    return getattr(view_class, "get" if request.method == "HEAD" else request.method.lower(), None)
 
 
 def _authenticate() -> tuple[Principal, TenantLimits]:

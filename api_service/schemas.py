@@ -21,7 +21,7 @@ from shared.job_types import (
     TIMEOUT_SECONDS_RANGE,
     JsonNumber,
 )
-from shared.jobs import JobStatus, NewJob
+from shared.jobs import JobStatus, NewJob, has_unpaired_surrogate, text_path
 
 #: One year: further ahead is almost certainly a unit mistake (ms for s).
 MAX_DELAY_SECONDS = 365 * 86_400
@@ -61,34 +61,7 @@ def unpaired_surrogate_path(body: bytes) -> tuple[str, ...] | None:
         value = json.loads(body)
     except ValueError:
         return None
-    return text_path(value, _has_unpaired_surrogate)
-
-
-def _has_unpaired_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def text_path(value: Any, bad: Callable[[str], bool], path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """Where in a JSON value a string (or an object key) is ``bad``; None if nowhere."""
-    if isinstance(value, str):
-        return path if bad(value) else None
-    items: list[tuple[str, Any]] = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if bad(key):
-                return (*path, key)
-            items.append((key, item))
-    elif isinstance(value, list):
-        items = [(str(index), item) for index, item in enumerate(value)]
-    for key, item in items:
-        found = text_path(item, bad, (*path, key))
-        if found is not None:
-            return found
-    return None
+    return text_path(value, has_unpaired_surrogate)
 
 
 def _nested(path: tuple[str, ...], message: str) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -127,6 +127,37 @@ class JobError:
             "detail": storable_text(self.detail[: self.MAX_DETAIL]),
             "attempt": self.attempt,
         }
+
+
+def text_path(value: Any, bad: Callable[[str], bool]) -> tuple[str, ...] | None:
+    """Where in a JSON value (its keys and indexes) a string or an object key is ``bad``; None if
+    nowhere. Depth-first, in document order, without recursion (a value may nest deeply)."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if bad(item):
+                return path
+            continue
+        children: list[tuple[Any, tuple[str, ...]]] = []
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and bad(key):
+                    return (*path, key)
+                children.append((child, (*path, str(key))))
+        elif isinstance(item, list | tuple):
+            children = [(child, (*path, str(index))) for index, child in enumerate(item)]
+        stack.extend(reversed(children))
+    return None
+
+
+def has_unpaired_surrogate(text: str) -> bool:
+    """Whether ``text`` holds half of a UTF-16 surrogate pair: not Unicode, so not storable in Postgres."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def storable_text(text: str) -> str:

@@ -73,6 +73,7 @@ os.environ.update(TEST_ENV)
 from support import DEFAULT_QUEUE  # noqa: E402
 
 from shared.settings import Settings  # noqa: E402
+from shared.store import Database  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +120,14 @@ def database(settings: Settings) -> Iterator[str]:
     yield settings.database_url
     with pg(maintenance) as cur:
         drop_database(cur, name)
+
+
+@pytest.fixture(scope="module")
+def db(settings: Settings, database: str) -> Iterator[Database]:
+    """A connection pool to this run's database, for one test module (the store and worker tests)."""
+    db = Database(settings)
+    yield db
+    db.close()
 
 
 def _process_alive(pid: str) -> bool:

@@ -23,6 +23,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from shared.errors import IllegalTransition, StoreUnavailable
+from shared.jobs import has_unpaired_surrogate, text_path
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -223,26 +224,17 @@ def jsonb_text(value: Any) -> str:
     character or an unpaired surrogate. Sent to Postgres, one such value fails its whole statement,
     and a worker's round carries the claims and successes of many jobs.
     """
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            _check_string(item)
-        elif isinstance(item, dict):
-            for key in item:
-                if isinstance(key, str):
-                    _check_string(key)
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return json.dumps(value, allow_nan=False)
-
-
-def _check_string(text: str) -> None:
-    if "\x00" in text:
+    if text_path(value, lambda text: "\x00" in text) is not None:
         raise ValueError("a string holds a NUL character (\\u0000), which Postgres cannot store")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        surrogate = ascii(text[exc.start])
-        raise ValueError(f"a string holds an unpaired surrogate ({surrogate}), which is not Unicode") from exc
+    unpaired: list[str] = []
+
+    def note_unpaired(text: str) -> bool:
+        if has_unpaired_surrogate(text):
+            unpaired.append(text)
+            return True
+        return False
+
+    if text_path(value, note_unpaired) is not None:
+        surrogate = ascii(next(c for c in unpaired[0] if 0xD800 <= ord(c) <= 0xDFFF))
+        raise ValueError(f"a string holds an unpaired surrogate ({surrogate}), which is not Unicode")
+    return json.dumps(value, allow_nan=False)

@@ -79,16 +79,16 @@ class NewRow:
 # the foreign key is checked when the statement ends.
 _INSERTS = f"""
     item AS (
-        SELECT * FROM unnest(%(ids)s, %(types)s, %(queues)s, %(payloads)s, %(priorities)s,
-                             %(max_attempts)s, %(timeouts)s, %(run_ats)s, %(delays)s, %(labels)s,
-                             %(keys)s, %(fingerprints)s, %(key_ttls)s, %(key_statuses)s)
+        -- starts_at: when the job may first run (its run_at, or now plus its delay; never in the past)
+        SELECT *, greatest(COALESCE(run_at, now() + delay * interval '1 second'), now()) AS starts_at
+        FROM unnest(%(ids)s, %(types)s, %(queues)s, %(payloads)s, %(priorities)s,
+                    %(max_attempts)s, %(timeouts)s, %(run_ats)s, %(delays)s, %(labels)s,
+                    %(keys)s, %(fingerprints)s, %(key_ttls)s, %(key_statuses)s)
             WITH ORDINALITY AS i(id, type, queue, payload, priority, max_attempts, timeout, run_at,
                                  delay, labels, key, fingerprint, key_ttl, key_status, n)
     ), key_row AS (
         INSERT INTO idempotency_keys (tenant, key, fingerprint, job_id, response_status, expires_at)
-        SELECT %(tenant)s, key, fingerprint, id, key_status,
-               greatest(COALESCE(run_at, now() + delay * interval '1 second'), now())
-                   + key_ttl * interval '1 second'
+        SELECT %(tenant)s, key, fingerprint, id, key_status, starts_at + key_ttl * interval '1 second'
         FROM item
         WHERE key IS NOT NULL AND {{admit}}
         ON CONFLICT (tenant, key) DO UPDATE
@@ -101,7 +101,7 @@ _INSERTS = f"""
         INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
                           timeout_seconds, run_at, labels, request_id)
         SELECT id, %(tenant)s, type, queue, %(status)s, payload, priority, max_attempts, timeout,
-               greatest(COALESCE(run_at, now() + delay * interval '1 second'), now()), labels, %(request_id)s
+               starts_at, labels, %(request_id)s
         FROM item
         WHERE {{admit}} AND (key IS NULL OR id IN (SELECT job_id FROM key_row))
         ORDER BY n
@@ -479,8 +479,7 @@ def retry_job(
     moved = requeue_jobs(
         cur,
         "id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
-        " AND (%(max_active)s::bigint IS NULL OR (SELECT COALESCE(sum(t.jobs), 0) FROM tenant_active_jobs t"
-        " WHERE t.tenant = jobs.tenant) < %(max_active)s)",
+        f" AND (%(max_active)s::bigint IS NULL OR {_ROOM} > 0)",
         {"id": job_id, "tenant": tenant, "max_active": max_active_jobs},
     )
     return bool(moved), get_job(cur, job_id, tenant)

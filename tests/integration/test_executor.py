@@ -37,13 +37,6 @@ class FakeMessage:
         self.failed = True
 
 
-@pytest.fixture(scope="module")
-def db(settings: Settings, database: str) -> Iterator[Database]:
-    db = Database(settings)
-    yield db
-    db.close()
-
-
 @pytest.fixture
 def executor(settings: Settings, db: Database) -> Iterator[Executor]:
     group, deadlines = GroupCommit(db, lease_seconds=30), DeadlineMonitor()

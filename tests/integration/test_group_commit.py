@@ -14,7 +14,6 @@ from support import pg, wait_for
 
 from shared.errors import StoreUnavailable
 from shared.jobs import JobStatus, NewJob
-from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
 from shared.store import jobs as job_store
@@ -22,13 +21,6 @@ from shared.store.db import Cursor
 from worker_service.group_commit import GroupCommit, _Claim, _Success
 
 NOOP = NewJob("noop", "default", {}, 5, 2, 60, None, 0.0, {})
-
-
-@pytest.fixture(scope="module")
-def db(settings: Settings, database: str) -> Iterator[Database]:
-    db = Database(settings)
-    yield db
-    db.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -25,13 +24,6 @@ from shared.store.migrate import migrate
 
 ERROR = JobError("Boom", "It broke", "details", 1)
 TENANT = "default"
-
-
-@pytest.fixture(scope="module")
-def db(settings: Settings, database: str) -> Iterator[Database]:
-    db = Database(settings)
-    yield db
-    db.close()
 
 
 def new_job(**overrides: object) -> NewJob:
