@@ -114,7 +114,8 @@ class Executor:
             return
         log: dict[str, Any] = {"job_id": job_id, "job_type": job_type.name,
                                "request_id": message.options.get("request_id")}  # fmt: skip
-        claim = self._until_stored(lambda: self._group.claim(job_id))
+        token = uuid.uuid4()  # this delivery's claim: asked again after a lost answer, it is still ours
+        claim = self._until_stored(lambda: self._group.claim(job_id, token))
         if isinstance(claim, attempt_store.Missing):
             logger.error("dead-lettering message: no job has its id", extra=log)
             message.fail()

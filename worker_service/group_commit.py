@@ -11,7 +11,9 @@ fill: a lone job is written at once, and under load a round carries whatever que
 previous one, as in Postgres' own group commit.
 
 - **A claim blocks** its worker thread until its round has committed: the handler must not start
-  before the job is ``running`` with a lease. Each thread gets the answer ``claim_job`` would have given
+  before the job is ``running`` with a lease. A claim carries its delivery's token: if the round's
+  answer is lost (StoreUnavailable), the thread asks again with the same token, and a claim that did
+  commit is answered as claimed. Each thread gets the answer ``claim_job`` would have given
   it alone; of duplicate deliveries of one job in the same round, the first is claimed and the others
   see the job running. If the round fails, every claim in it gets the error and its thread retries.
 - **A success does not block.** The worker thread hands it over and takes its next message, whose claim
@@ -49,10 +51,11 @@ RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 class _Claim:
     """A worker thread's claim, waiting for the round that carries it."""
 
-    __slots__ = ("_done", "error", "job_id", "result")
+    __slots__ = ("_done", "error", "job_id", "result", "token")
 
-    def __init__(self, job_id: uuid.UUID) -> None:
+    def __init__(self, job_id: uuid.UUID, token: uuid.UUID) -> None:
         self.job_id = job_id
+        self.token = token
         self.result: ClaimResult | None = None
         self.error: Exception | None = None
         # A held lock is the cheapest one-shot signal between two threads (an Event adds a Condition).
@@ -110,9 +113,10 @@ class GroupCommit:
             self._thread.join()
             self._thread = None
 
-    def claim(self, job_id: uuid.UUID) -> ClaimResult:
-        """``attempt_store.claim_job`` in the next round. Raises StoreUnavailable if the round failed."""
-        request = _Claim(job_id)
+    def claim(self, job_id: uuid.UUID, token: uuid.UUID) -> ClaimResult:
+        """``attempt_store.claim_job`` in the next round. Raises StoreUnavailable if the round failed: the
+        claim may have committed all the same, so ask again with the same ``token``."""
+        request = _Claim(job_id, token)
         with self._wakeup:
             if self._thread is None:
                 raise RuntimeError("GroupCommit is not started")
@@ -155,15 +159,16 @@ class GroupCommit:
 
     def _write(self, claims: Sequence[_Claim], successes: Sequence[_Success]) -> bool:
         """One round; False if Postgres was unreachable (the claims got the error)."""
+        tokens: dict[uuid.UUID, uuid.UUID] = {}
+        for claim in claims:  # of duplicate deliveries of one job, the first claims it
+            tokens.setdefault(claim.job_id, claim.token)
         try:
             written = self._db.execute(
                 lambda cur: attempt_store.write_round(
-                    cur,
-                    list(dict.fromkeys(c.job_id for c in claims)),
-                    self._lease,
-                    [(s.job, s.result_json) for s in successes],
+                    cur, list(tokens), self._lease, [(s.job, s.result_json) for s in successes],
+                    list(tokens.values()),
                 )
-            )
+            )  # fmt: skip
         except StoreUnavailable as exc:
             logger.warning("database unavailable (%s); %d successes wait to be written", exc, len(successes))
             for claim in claims:

@@ -42,12 +42,15 @@ class Missing:
 ClaimResult = Claimed | NotClaimable | Missing
 
 
-def claim_job(cur: Cursor, job_id: uuid.UUID, lease_seconds: float) -> ClaimResult:
+def claim_job(
+    cur: Cursor, job_id: uuid.UUID, lease_seconds: float, token: uuid.UUID | None = None
+) -> ClaimResult:
     """Compare-and-set a due job from queued/retrying to running, counting the attempt.
 
-    One statement in the common case; a second one only to explain a refusal.
+    ``token`` names this claim: called again with the same token (its first answer was lost with its
+    connection), it answers Claimed with the attempt it already made. One statement.
     """
-    return write_round(cur, [job_id], lease_seconds, []).claims[job_id]
+    return write_round(cur, [job_id], lease_seconds, [], [token or uuid.uuid4()]).claims[job_id]
 
 
 def record_success(cur: Cursor, job: Job, result: Any) -> bool:
@@ -63,6 +66,7 @@ class Round:
 
 
 _CLAIMED_COLUMNS = ", ".join("claimed." + c for c in JOB_COLUMNS.split(", "))
+_RECLAIMED_COLUMNS = ", ".join("jobs." + c for c in JOB_COLUMNS.split(", "))
 #: A refused claim's row has no job columns (UNION ALL gives these NULLs the claimed rows' types).
 _NO_JOB = ", ".join("NULL" for _ in JOB_COLUMNS.split(", "))
 #: Where a row's refused-claim columns start: after the succeeded ids and the job columns.
@@ -83,6 +87,12 @@ _REFUSED_AT = 1 + len(JOB_COLUMNS.split(", "))
 #: commit as failed, so that their threads, retrying, found the jobs running and skipped them. The
 #: explanation reads the jobs as the statement found them: a job another worker claimed at the same
 #: moment may show its earlier status.
+#:
+#: Each claim carries a token, stored with the claim. A claim whose statement committed but whose answer
+#: was lost (the connection broke after COMMIT) is asked again with the same token; the job is then
+#: ``running`` under that token, and the statement answers it as claimed (``reclaimed``, its lease
+#: renewed) rather than refused. Without it, the thread skipped the job it had claimed: the job sat out
+#: its lease, lost an attempt, and failed unrun if that was its last.
 _WRITE_ROUND = Prepared(
     "conveyor_write_round",
     f"""
@@ -96,22 +106,34 @@ _WRITE_ROUND = Prepared(
     ), claimed AS (
         UPDATE jobs
         SET status = '{JobStatus.RUNNING.value}', attempts = attempts + 1, started_at = now(),
-            updated_at = now(), progress = NULL, lease_expires_at = now() + %(lease)s * interval '1 second'
+            updated_at = now(), progress = NULL, lease_expires_at = now() + %(lease)s * interval '1 second',
+            claim_token = (%(tokens)s)[array_position(%(claims)s, id)]
         WHERE id = ANY(%(claims)s) AND status = ANY(%(claimable)s) AND run_at <= now()
         RETURNING {JOB_COLUMNS}
     ), refused AS (
-        SELECT wanted.id, job.status, job.run_at > now() AS due_later
-        FROM unnest(%(claims)s) AS wanted(id)
-        LEFT JOIN LATERAL (SELECT status, run_at FROM jobs WHERE jobs.id = wanted.id) AS job ON true
+        SELECT wanted.id, job.status, job.run_at > now() AS due_later,
+               job.status = '{JobStatus.RUNNING.value}' AND job.claim_token = wanted.token AS mine
+        FROM unnest(%(claims)s, %(tokens)s) AS wanted(id, token)
+        LEFT JOIN LATERAL (SELECT status, run_at, claim_token FROM jobs WHERE jobs.id = wanted.id) AS job
+            ON true
         WHERE wanted.id NOT IN (SELECT id FROM claimed)
+    ), reclaimed AS (
+        UPDATE jobs SET lease_expires_at = now() + %(lease)s * interval '1 second'
+        FROM refused
+        WHERE refused.mine AND jobs.id = refused.id AND jobs.status = '{JobStatus.RUNNING.value}'
+        RETURNING {_RECLAIMED_COLUMNS}
     ), answers AS (
         SELECT row_number() OVER () AS n, * FROM (
             SELECT claimed.*, NULL::uuid AS refused_id, NULL::text AS refused_status,
                    NULL::boolean AS refused_due_later
             FROM claimed
             UNION ALL
+            SELECT reclaimed.*, NULL, NULL, NULL
+            FROM reclaimed
+            UNION ALL
             SELECT {_NO_JOB}, refused.id, refused.status, refused.due_later
             FROM refused
+            WHERE refused.id NOT IN (SELECT id FROM reclaimed)
         ) AS both_kinds
     )
     SELECT CASE WHEN coalesce(claimed.n, 1) = 1 THEN (SELECT array_agg(id) FROM succeeded) END,
@@ -120,22 +142,32 @@ _WRITE_ROUND = Prepared(
     LEFT JOIN answers AS claimed ON true
     ORDER BY claimed.n
     """,  # noqa: S608 - fixed fragments only
-    {"claims": "uuid[]", "lease": "double precision", "claimable": "text[]", "done": "uuid[]",
-     "attempts": "int[]", "started": "timestamptz[]", "results": "text[]"},
+    {"claims": "uuid[]", "tokens": "uuid[]", "lease": "double precision", "claimable": "text[]",
+     "done": "uuid[]", "attempts": "int[]", "started": "timestamptz[]", "results": "text[]"},
 )  # fmt: skip
 
 
 def write_round(
-    cur: Cursor, claims: Sequence[uuid.UUID], lease_seconds: float, successes: Sequence[tuple[Job, str]]
+    cur: Cursor,
+    claims: Sequence[uuid.UUID],
+    lease_seconds: float,
+    successes: Sequence[tuple[Job, str]],
+    tokens: Sequence[uuid.UUID] | None = None,
 ) -> Round:
-    """Claim ``claims`` (distinct ids) and record ``successes`` (claimed jobs with their result encoded
-    as JSON) in one prepared statement, so in one commit: the worker's group commit
-    (``worker_service/group_commit.py``).
+    """Claim ``claims`` (distinct ids; ``tokens[i]`` names the claim of ``claims[i]``, fresh ones if not
+    given) and record ``successes`` (claimed jobs with their result encoded as JSON) in one prepared
+    statement, so in one commit: the worker's group commit (``worker_service/group_commit.py``).
     """
+    if tokens is None:
+        tokens = [uuid.uuid4() for _ in claims]
+    if len(tokens) != len(claims):
+        raise ValueError("one token per claim")
+    ordered = sorted(zip(claims, tokens, strict=True))  # rows are locked in id order
     _WRITE_ROUND.execute(
         cur,
         {
-            "claims": sorted(claims),
+            "claims": [job_id for job_id, _ in ordered],
+            "tokens": [token for _, token in ordered],
             "lease": lease_seconds,
             "claimable": _CLAIMABLE,
             "done": [job.id for job, _ in successes],

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from support import pg, wait_for
 
+from shared.errors import StoreUnavailable
 from shared.job_types import REGISTRY
 from shared.jobs import NewJob
 from shared.settings import Settings
@@ -104,7 +105,7 @@ def test_an_unexpected_error_dead_letters_the_message_instead_of_acking_it(
     job would wait forever without one. The message is dead-lettered instead, for the relay to file."""
 
     class BrokenGroup(GroupCommit):
-        def claim(self, job_id: uuid.UUID) -> Any:
+        def claim(self, job_id: uuid.UUID, token: uuid.UUID) -> Any:
             raise RuntimeError("a bug in the claim")
 
     job_id = insert(db)
@@ -131,3 +132,42 @@ def test_progress_text_postgres_cannot_store_is_kept_readably(
     with pg(dsn) as cur:
         cur.execute("SELECT progress->>'message' FROM jobs WHERE id = %s", (str(job_id),))
         assert cur.fetchone() == ("bad\\u0000name \\udc80",)
+
+
+class AnswerLostDatabase:
+    """The real database, whose first statement commits but whose answer is lost with the connection
+    (what psycopg2 reports when the connection breaks after COMMIT)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.lose = db, 1
+
+    def execute(self, work: Any) -> Any:
+        result = self.db.execute(work)
+        if self.lose:
+            self.lose -= 1
+            raise StoreUnavailable("OperationalError: server closed the connection unexpectedly (simulated)")
+        return result
+
+
+def test_a_claim_whose_answer_was_lost_still_runs_its_job_once(
+    settings: Settings, db: Database, dsn: str
+) -> None:
+    """The claim committed, the worker got an error and asked again: it must run the job it claimed,
+    not skip it as running elsewhere (the job then sat out its lease and lost an attempt; with one
+    attempt it failed without ever running)."""
+    job_id = insert(db)
+    group, deadlines = GroupCommit(AnswerLostDatabase(db), lease_seconds=30), DeadlineMonitor()  # type: ignore[arg-type]
+    group.start()
+    deadlines.start()
+    runs: list[int] = []
+    try:
+        executor = Executor(settings, db, group, LeaseKeeper(db, 30), deadlines)
+        executor.execute(REGISTRY["noop"], lambda payload, ctx: runs.append(ctx.attempt), FakeMessage(job_id))
+        wait_for(lambda: job_row(dsn, job_id)[0] == "succeeded", timeout=10, what="the job to succeed")
+    finally:
+        deadlines.stop()
+        group.stop()
+    assert runs == [1], "the handler ran once, as attempt 1"
+    with pg(dsn) as cur:
+        cur.execute("SELECT attempts FROM jobs WHERE id = %s", (str(job_id),))
+        assert cur.fetchone() == (1,)

@@ -63,7 +63,7 @@ def test_threads_share_rounds_and_every_job_succeeds(group: GroupCommit, db: Dat
                 if not todo:
                     return
                 job_id = todo.pop()
-            claim = group.claim(job_id)
+            claim = group.claim(job_id, uuid.uuid4())
             assert isinstance(claim, attempt_store.Claimed)
             assert claim.job.attempts == 1
             group.record_success(claim.job, '{"ok": true}', written.append)
@@ -100,11 +100,14 @@ def test_duplicate_claims_in_one_round_claim_once(db: Database, dsn: str) -> Non
     group.start()
     results: list[attempt_store.ClaimResult] = []
     try:
-        first = threading.Thread(target=group.claim, args=(held,))
+        first = threading.Thread(target=group.claim, args=(held, uuid.uuid4()))
         first.start()
         wait_for(lambda: gated.rounds == 1, timeout=5, what="the first round to start")
         # Two deliveries of the same job queue up behind it and go out together in the second round.
-        threads = [threading.Thread(target=lambda: results.append(group.claim(job_id))) for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda: results.append(group.claim(job_id, uuid.uuid4())))
+            for _ in range(2)
+        ]
         for thread in threads:
             thread.start()
         wait_for(
@@ -145,7 +148,7 @@ def test_one_round_claims_several_and_reports_every_written_success(db: Database
 
 def test_success_of_a_taken_over_attempt_is_reported_discarded(group: GroupCommit, db: Database) -> None:
     [job_id] = insert(db, 1)
-    claim = group.claim(job_id)
+    claim = group.claim(job_id, uuid.uuid4())
     assert isinstance(claim, attempt_store.Claimed)
     stale = claim.job
     # The lease lapses and another attempt takes over (as the relay's recovery would).
@@ -157,14 +160,14 @@ def test_success_of_a_taken_over_attempt_is_reported_discarded(group: GroupCommi
 
 
 def test_missing_job_and_finished_job_are_told_apart(group: GroupCommit, db: Database) -> None:
-    assert isinstance(group.claim(uuid.uuid4()), attempt_store.Missing)
+    assert isinstance(group.claim(uuid.uuid4(), uuid.uuid4()), attempt_store.Missing)
     [job_id] = insert(db, 1)
-    claim = group.claim(job_id)
+    claim = group.claim(job_id, uuid.uuid4())
     assert isinstance(claim, attempt_store.Claimed)
     done: list[bool] = []
     group.record_success(claim.job, "null", done.append)
     wait_for(lambda: done == [True], timeout=5, what="the success")
-    again = group.claim(job_id)
+    again = group.claim(job_id, uuid.uuid4())
     assert isinstance(again, attempt_store.NotClaimable)
     assert again.status.value == "succeeded"
 
@@ -188,14 +191,14 @@ def test_successes_wait_out_an_outage_and_claims_get_the_error(db: Database, dsn
     group = GroupCommit(flaky, lease_seconds=30)  # type: ignore[arg-type]
     group.start()
     try:
-        claim = group.claim(first)
+        claim = group.claim(first, uuid.uuid4())
         assert isinstance(claim, attempt_store.Claimed)
         flaky.failures = 3
         written: list[bool] = []
         group.record_success(claim.job, "null", written.append)
         wait_for(lambda: flaky.failures <= 2, timeout=5, what="the first failed round")
         with pytest.raises(StoreUnavailable):
-            group.claim(second)  # answered with the error while Postgres is "down"
+            group.claim(second, uuid.uuid4())  # answered with the error while Postgres is "down"
         wait_for(lambda: written == [True], timeout=10, what="the success to be written after the outage")
         assert statuses(dsn, [first]) == {"succeeded": 1}
     finally:
@@ -206,7 +209,7 @@ def test_stop_writes_pending_successes(db: Database, dsn: str) -> None:
     ids = insert(db, 20)
     group = GroupCommit(db, lease_seconds=30)
     group.start()
-    claims = [group.claim(job_id) for job_id in ids]
+    claims = [group.claim(job_id, uuid.uuid4()) for job_id in ids]
     for claim in claims:
         assert isinstance(claim, attempt_store.Claimed)
         group.record_success(claim.job, "null", lambda ok: None)
@@ -223,7 +226,7 @@ def test_a_success_postgres_refuses_does_not_take_its_round_along(db: Database, 
     [to_claim] = insert(db, 1)
     group = GroupCommit(db, lease_seconds=30)  # not started: the test writes one round itself
     written: dict[uuid.UUID, bool] = {}
-    claim = _Claim(to_claim)
+    claim = _Claim(to_claim, uuid.uuid4())
     group._write(
         [claim],
         [
@@ -281,3 +284,43 @@ def test_a_round_explains_its_refused_claims_in_its_own_statement(db: Database) 
     assert result.claims[finished] == attempt_store.NotClaimable(JobStatus.SUCCEEDED, due_later=False)
     assert result.claims[later] == attempt_store.NotClaimable(JobStatus.QUEUED, due_later=True)
     assert result.claims[missing] == attempt_store.Missing()
+
+
+def test_a_claim_asked_again_with_its_token_gets_its_attempt_back(db: Database, dsn: str) -> None:
+    """A claim that committed but whose answer was lost is asked again with the same token: it is
+    answered with the attempt it made (lease renewed), while any other claim still sees the job
+    running."""
+    [job_id] = insert(db, 1)
+    token = uuid.uuid4()
+    first = db.execute(lambda cur: attempt_store.claim_job(cur, job_id, 30, token))
+    assert isinstance(first, attempt_store.Claimed)
+    with pg(dsn) as cur:  # the lease has nearly run out by the time the worker asks again
+        cur.execute(
+            "UPDATE jobs SET lease_expires_at = now() + interval '1 second' WHERE id = %s", (str(job_id),)
+        )
+    again = db.execute(lambda cur: attempt_store.claim_job(cur, job_id, 30, token))
+    assert isinstance(again, attempt_store.Claimed)
+    assert (again.job.attempts, again.job.started_at) == (1, first.job.started_at)
+    with pg(dsn) as cur:
+        cur.execute("SELECT lease_expires_at > now() + interval '20 seconds' FROM jobs WHERE id = %s",
+                    (str(job_id),))  # fmt: skip
+        assert cur.fetchone() == (True,), "the lease is renewed"
+    other = db.execute(lambda cur: attempt_store.claim_job(cur, job_id, 30, uuid.uuid4()))
+    assert other == attempt_store.NotClaimable(attempt_store.JobStatus.RUNNING, due_later=False)
+
+
+def test_a_round_answers_claims_reclaims_and_refusals_together(db: Database, dsn: str) -> None:
+    ours, queued, finished = insert(db, 3)
+    token = uuid.uuid4()
+    db.execute(lambda cur: attempt_store.write_round(cur, [ours], 30, [], [token]))
+    done = db.execute(lambda cur: attempt_store.write_round(cur, [finished], 30, []))
+    db.execute(lambda cur: attempt_store.write_round(cur, [], 30, [(done.claims[finished].job, "null")]))  # type: ignore[union-attr]
+    tokens = [token, uuid.uuid4(), uuid.uuid4()]
+    answer = db.execute(lambda cur: attempt_store.write_round(cur, [ours, queued, finished], 30, [], tokens))
+    assert isinstance(answer.claims[ours], attempt_store.Claimed)
+    assert answer.claims[ours].job.attempts == 1  # type: ignore[union-attr]
+    assert isinstance(answer.claims[queued], attempt_store.Claimed)
+    assert answer.claims[finished] == attempt_store.NotClaimable(
+        attempt_store.JobStatus.SUCCEEDED, due_later=False
+    )
+    assert statuses(dsn, [ours, queued]) == {"running": 2}
