@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 from flask import Flask, Response, request
 from flask_smorest import Api
@@ -15,6 +14,7 @@ from api_service import (
     dead_letters,
     health,
     jobs,
+    json_body,
     metrics,
     openapi_docs,
     problems,
@@ -46,8 +46,6 @@ _DOCS_CSP = (
     "style-src 'unsafe-inline' https://cdn.jsdelivr.net; img-src data: https://cdn.jsdelivr.net; "
     "connect-src 'self'; frame-ancestors 'none'"
 )
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 class ConveyorApi(Api):  # type: ignore[misc]
@@ -126,8 +124,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 def _check_request_body() -> None:
     """Before the body is parsed: 415 for a body that is not JSON, 413 for a chunked body over the size
     limit, 400 for JSON nested too deeply, 422 for a string holding an unpaired surrogate."""
-    if request.method not in _BODY_METHODS:
-        return
+    if request.method not in _BODY_METHODS or request.endpoint is None:
+        return  # no operation (404, 405): its body is never read
     has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
     if not has_body:
         if "json" in _declared_arguments():  # an empty body is not JSON (it was a 422 for its fields)
@@ -143,7 +141,7 @@ def _check_request_body() -> None:
     if cut and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
     limit = services().settings.max_json_depth
-    if json_depth(body) > limit:
+    if json_body.depth(body) > limit:
         raise Problem(
             "json-too-deep", f"The request body nests arrays and objects deeper than {limit} levels."
         )
@@ -170,18 +168,6 @@ def _declared_arguments() -> set[str]:
     ``json``), as its ``@blp.arguments`` declare them."""
     declared = getattr(auth.request_operation(), "_apidoc", {}).get("arguments", {}).get("parameters", [])
     return {argument.get("in") for argument in declared}
-
-
-def json_depth(body: bytes) -> int:
-    """Deepest array/object nesting in a JSON text, without parsing it (so without recursion)."""
-    depth = deepest = 0
-    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b"", body)):
-        if bracket in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
 
 
 def _security_headers(response: Response) -> Response:

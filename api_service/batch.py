@@ -7,13 +7,13 @@ from typing import Any
 import marshmallow as ma
 from flask import request
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import fields, validate
-from werkzeug.exceptions import BadRequest
 
+from api_service import json_body
 from api_service.auth import current_limits, current_principal, requires
 from api_service.context import services
 from api_service.idempotency import HEADER, MAX_KEY_LENGTH, fingerprint, parse_key
+from api_service.json_body import Blueprint
 from api_service.metrics import count_refusal, count_submission, counting_submission_refusals
 from api_service.openapi_docs import AUTHENTICATED, BODY, ProblemSchema, documents_problems, header
 from api_service.problems import Problem, from_conveyor_error, invalid, validation_errors
@@ -92,11 +92,7 @@ class JobBatch(MethodView):
             raise IdempotencyKeyInvalid(
                 "A batch takes no Idempotency-Key header: give each job its own idempotency_key."
             )
-        try:
-            body = request.get_json()
-        except BadRequest:  # not JSON, or empty: the problem every other body gets, not about:blank
-            raise Problem("malformed-json", "The request body is not valid JSON.") from None
-        raw_items = _items(body)
+        raw_items = _items(json_body.parse(request.get_data(cache=True)))
         svc = services()
         results: dict[int, dict[str, Any]] = {}
         valid: list[BatchItem] = []

@@ -7,11 +7,11 @@ from typing import Any
 
 import marshmallow as ma
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
 from api_service.auth import requires, visible_tenant
 from api_service.context import services
+from api_service.json_body import Blueprint
 from api_service.openapi_docs import AUTHENTICATED, BODY, documents_problems
 from api_service.openapi_examples import DEAD_LETTER_EXAMPLE, SELECTION_EXAMPLES
 from api_service.problems import invalid

@@ -9,12 +9,12 @@ from typing import Any
 
 from flask import Response, request, url_for
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from api_service.auth import current_limits, current_principal, requires, visible_tenant
 from api_service.context import services
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api_service.idempotency import REPLAYED_HEADER, fingerprint, parse_key
+from api_service.json_body import Blueprint
 from api_service.metrics import count_submission, counting_submission_refusals
 from api_service.openapi_docs import (
     AUTHENTICATED,

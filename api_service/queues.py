@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from marshmallow import fields, validate
 
 from api_service.auth import requires
 from api_service.context import services
+from api_service.json_body import Blueprint
 from api_service.openapi_docs import AUTHENTICATED, documents_problems
 from api_service.schemas import StrictSchema
 from shared import queue_stats

@@ -58,8 +58,8 @@ def unpaired_surrogate_path(body: bytes) -> tuple[str, ...] | None:
     """Where in a JSON text a string (or an object key) holds an unpaired surrogate; None if nowhere,
     or if the text is not JSON (its parser says so later)."""
     try:
-        value = json.loads(body)
-    except ValueError:
+        value = json.loads(body.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         return None
     return text_path(value, has_unpaired_surrogate)
 

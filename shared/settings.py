@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 import urllib.parse
 from collections.abc import Mapping
@@ -349,19 +350,27 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     return value
 
 
+#: A libpq keyword/value connection string's password (``host=db password='a b' dbname=x``).
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re.IGNORECASE)
+#: A URL's userinfo password, up to the authority's last ``@``: also when it holds a character
+#: the URL parser splits on (an unencoded ``#`` or ``?``), where ``urlsplit`` finds no password.
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)([^/]*)@", re.IGNORECASE)
+
+
 def _redact(url: str) -> str:
-    """The URL with any password (in the authority or a ``password=`` parameter) replaced by ***."""
+    """The connection string with any password replaced by ***: in a URL's authority or its
+    ``password=`` parameter, or in a libpq keyword/value string, which psycopg2 accepts as well."""
+    if "://" not in url:
+        return _KEYWORD_PASSWORD.sub(r"\1***", url)
+    url = _URL_PASSWORD.sub(r"\1***@", url, count=1)
     parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
     query = "&".join(
         f"{name}=***" if name.lower() == "password" else pair
         for pair in parts.query.split("&")
         if pair
         for name in [pair.split("=", 1)[0]]
     )
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
 @lru_cache(maxsize=1)

@@ -230,6 +230,37 @@ def test_longest_allowed_idempotency_key_is_accepted(client: FlaskClient) -> Non
     assert response.status_code == 202, response.get_data(as_text=True)
 
 
+def test_a_body_is_read_only_for_an_operation(app: Flask) -> None:
+    """Without a key, a POST to no route is a 404 or a 405, its body never read (the checks before
+    parsing used to scan it, unauthenticated: 400 json-too-deep instead of 404)."""
+    client = app.test_client()
+    deep = b"[" * 100 + b"]" * 100
+    for path, status in (("/nope", 404), ("/healthz", 405), ("/v1/jobs/x/y", 404)):
+        response = client.post(path, data=deep, content_type="application/json")
+        assert response.status_code == status, (path, response.get_data(as_text=True))
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs/batch"])
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ('{"type": "noop", "priority": ' + "9" * 5000 + "}", "number that cannot be read"),
+        ('{"jobs": [{"type": "noop"}]}'.encode("utf-16"), "not UTF-8"),
+        ('{"type": "noop", "labels": {"a": "\\ud800"}}'.encode("utf-16-le"), "not valid JSON"),
+        (b'{"type": "noop", "labels": {"a": "\xff"}}', "not UTF-8"),
+    ],
+    ids=["5000-digit-integer", "utf-16", "utf-16-surrogate", "not-utf-8"],
+)
+def test_every_body_is_utf8_json_or_malformed(
+    client: FlaskClient, path: str, body: str | bytes, detail: str
+) -> None:
+    """One parser for every operation. Flask's get_json (the batch endpoint) read UTF-16 and UTF-32,
+    past the depth and surrogate checks that read UTF-8 (a deep UTF-16 batch was a 500); a 5,000-digit
+    integer raised a ValueError that webargs let through as a 500."""
+    response = client.post(path, data=body, content_type="application/json")
+    assert detail in problem(response, 400, "malformed-json")["detail"]
+
+
 def test_unknown_job_is_404(client: FlaskClient) -> None:
     problem(client.get("/v1/jobs/6a1f0f5e-0000-4000-8000-000000000000"), 404, "job-not-found")
 

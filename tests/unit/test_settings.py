@@ -125,6 +125,24 @@ def test_redaction_handles_a_password_with_reserved_characters() -> None:
     assert redacted == "postgresql://app:***@db/conveyor"
 
 
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("host=db user=app password=hunter2 dbname=x", "host=db user=app password=*** dbname=x"),
+        ("host=db password = 'hunt er\\'2' dbname=x", "host=db password = *** dbname=x"),
+        ("PASSWORD=hunter2 host=db", "PASSWORD=*** host=db"),
+        ("postgresql://app:hunt#er2@db/x", "postgresql://app:***@db/x"),
+        ("postgresql://app:hunt?er2@db/x", "postgresql://app:***@db/x"),
+        ("postgresql://app:s3cret@[::1]:5432/x", "postgresql://app:***@[::1]:5432/x"),
+        ("postgresql://[::1]:5432/x?application_name=a@b", "postgresql://[::1]:5432/x?application_name=a@b"),
+    ],
+)
+def test_redaction_covers_every_form_psycopg2_takes(dsn: str, shown: str) -> None:
+    """psycopg2 also takes libpq's keyword/value strings; `conveyor settings` and the CLI's "cannot
+    reach Postgres" printed their password. A URL with an unencoded # or ? in its password too."""
+    assert Settings(database_url=dsn).redacted_database_url() == shown
+
+
 def test_url_without_a_password_is_shown_unchanged() -> None:
     url = "postgresql://postgres@127.0.0.1:5432/conveyor"
     assert Settings(database_url=url).redacted_database_url() == url
