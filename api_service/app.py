@@ -82,7 +82,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH=DOCS_PATH.lstrip("/") if settings.api_docs else None,
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/",
+        # One exact release: a new one never reaches the page (which takes API keys) unreviewed.
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/",
         API_SPEC_OPTIONS={
             "info": openapi_docs.INFO,
             "security": [{"bearerAuth": []}],

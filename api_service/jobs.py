@@ -36,7 +36,7 @@ from api_service.schemas import (
     page,
     payload_size_error,
 )
-from api_service.submission import IdempotentRequest, submit_job
+from api_service.submission import IdempotentRequest, retry_job, submit_job
 from shared.api_keys import Scope
 from shared.errors import JobNotFound
 from shared.jobs import RETRYABLE_BY_OPERATOR, Job, JobStatus, NewJob
@@ -214,12 +214,17 @@ class RetryJob(MethodView):
     @blp.response(
         202,
         JobSchema,
-        description="The job is queued again for a new cycle of attempts.",
-        headers={"Location": header("Location", required=True)},
+        description="The job is queued again for a new cycle of attempts. A tenant's retry counts as a "
+        "submission: against its cap on active jobs and its submission rate (an admin's is not limited).",
+        headers={
+            "Location": header("Location", required=True),
+            "RateLimit-Policy": header("RateLimit-Policy"),
+            "RateLimit": header("RateLimit"),
+        },
         example=QUEUED_JOB_EXAMPLE,
     )
     @documents_problems(
-        *_ONE_JOB_PROBLEMS, *BODY, "illegal-transition", "too-many-active-jobs",
+        *_ONE_JOB_PROBLEMS, *BODY, "illegal-transition", "too-many-active-jobs", "rate-limited",
         descriptions={409: "The job is not failed or cancelled (`/problems/illegal-transition`)."},
     )  # fmt: skip
     def post(self, job_id: uuid.UUID) -> tuple[Job, int, dict[str, str]]:
@@ -228,20 +233,21 @@ class RetryJob(MethodView):
         Resets its attempts and queues it again; its dead letter goes away. The job runs once, even if
         the old message is still somewhere: the worker only runs a job it can claim.
         """
-        tenant = _own_tenant()
-        # The tenant's cap on active jobs holds for retries too (an admin's retry is not capped).
-        cap = None if tenant is None else current_limits().max_active_jobs
-        moved, job = services().db.run(lambda cur: job_store.retry_job(cur, job_id, tenant, cap))
+        tenant, limits = _own_tenant(), current_limits()
+        moved, job, rate = retry_job(services(), job_id, tenant, limits)
         if job is None:
             raise JobNotFound(f"No job has the id {job_id}.")
-        if not moved and cap is not None and job.status in RETRYABLE_BY_OPERATOR:
-            raise job_store.too_many_active(cap)
+        if not moved and tenant is not None and job.status in RETRYABLE_BY_OPERATOR:
+            raise job_store.too_many_active(limits.max_active_jobs)
         if not moved:
             raise Problem(
                 "illegal-transition",
                 f"The job is {job.status}; only failed or cancelled jobs can be retried.",
             )
-        return job, 202, {"Location": url_for("jobs.get_job", job_id=job.id)}
+        headers = {"Location": url_for("jobs.get_job", job_id=job.id)}
+        if rate is not None:
+            headers.update(rate_limit_headers(rate, limits))
+        return job, 202, headers
 
 
 def _own_tenant() -> str | None:

@@ -112,9 +112,33 @@ def submit_job(
     raise StoreUnavailable("the replayed job disappeared twice; try again")  # pragma: no cover
 
 
+def retry_job(
+    svc: Services, job_id: uuid.UUID, tenant: str | None, limits: TenantLimits
+) -> tuple[bool, Job | None, RateDecision | None]:
+    """Requeue a failed or cancelled job: (whether it moved, the job as it is now, the rate decision).
+
+    A tenant's retry makes a job active again, as a submission does, and is limited like one: by the
+    cap on active jobs and by a token from the submission rate (without it, retrying failed or
+    cancelled jobs was a way around the rate). A refused token rolls the requeue back. An admin
+    (``tenant`` None) acts for the operator and is not limited.
+    """
+
+    def requeue(cur: Cursor) -> tuple[bool, Job | None, RateDecision | None]:
+        cap = None if tenant is None else limits.max_active_jobs
+        moved, job = job_store.retry_job(cur, job_id, tenant, cap)
+        if not moved or tenant is None:
+            return moved, job, None
+        rate = tenant_store.take_submission_token(cur, tenant, limits, 1)
+        if not rate.allowed:
+            raise _rate_limited(tenant, limits, rate, 1)
+        return moved, job, rate
+
+    return svc.db.run(requeue)
+
+
 def _rate_limited(tenant: str, limits: TenantLimits, rate: RateDecision, jobs: int) -> RateLimited:
     return RateLimited(
-        f"Tenant {tenant!r} may submit {limits.submit_rate_per_second:g} jobs per second "
+        f"Tenant {tenant!r} may submit (or retry) {limits.submit_rate_per_second:g} jobs per second "
         f"(bursts of {limits.submit_burst})" + (f"; this batch has {jobs} new jobs." if jobs > 1 else "."),
         retry_after=rate.retry_after,
         rate=rate,

@@ -237,6 +237,29 @@ def test_a_retry_counts_against_the_cap_like_a_submission(
     assert retried.status_code == 202, retried.text
 
 
+def test_a_retry_takes_a_token_from_the_submission_rate(
+    api: ApiClient, keys: Keys, service_env: dict[str, str], dsn: str
+) -> None:
+    """Without it, retrying failed or cancelled jobs requeued them at any request rate while new
+    submissions got 429. A refused retry leaves the job as it was."""
+    name = f"rate-{uuid.uuid4().hex[:8]}"
+    client = as_key(api, limited_tenant(service_env, name, "--submit-rate", "0.001", "--submit-burst", "1"))
+    job = client.submit({"type": "noop", "delay_seconds": 3600}).json()
+    cancel = client.session.post(f"{client.base_url}/v1/jobs/{job['id']}/cancel", timeout=10)
+    assert cancel.status_code == 200
+    refused = client.session.post(f"{client.base_url}/v1/jobs/{job['id']}/retry", timeout=10)
+    expect_problem(refused, 429, "rate-limited")
+    assert int(refused.headers["Retry-After"]) > 1
+    assert refused.headers["RateLimit"].startswith('"submissions";r=0;')
+    with pg(dsn) as cur:
+        cur.execute("SELECT status FROM jobs WHERE id = %s", (job["id"],))
+        assert cur.fetchone() == ("cancelled",), "the refused retry changed nothing"
+    admin = as_key(api, keys.admin)
+    retried = admin.session.post(f"{admin.base_url}/v1/jobs/{job['id']}/retry", timeout=10)
+    assert retried.status_code == 202, retried.text
+    assert "RateLimit" not in retried.headers, "an admin's retry takes no token"
+
+
 @pytest.mark.usefixtures("unchanged_database")
 def test_deeply_nested_json_is_400(api: ApiClient, settings: Any) -> None:
     depth = settings.max_json_depth + 1
