@@ -20,7 +20,7 @@ from typing import Any
 
 import dramatiq
 import pika
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DramatiqError
 from prometheus_client import Counter
@@ -96,10 +96,34 @@ def queue_arguments(queue_name: str, queue_type: str, delivery_limit: int) -> Qu
     )
 
 
+class _Consumer(_RabbitmqConsumer):
+    """dramatiq's consumer, refusing a message that names another queue than the one it came from.
+
+    dramatiq ran such a message, then handed it back to the consumer of the queue it names; with no
+    such consumer (a hand-made message, a publisher with another queue prefix) the worker thread died
+    with a KeyError, and the message stayed unacknowledged until the worker stopped, then came back
+    to kill a thread again. Refused here, before it runs, it is dead-lettered like any message a
+    worker cannot take, and the relay files it (or publishes its job again if that is waiting).
+    """
+
+    def __next__(self) -> Any:
+        message = super().__next__()  # type: ignore[no-untyped-call]
+        if message is not None and message.queue_name != self.queue_name:
+            logger.error(
+                "dead-lettering message %s: it names queue %r but came from %r",
+                message.message_id, message.queue_name, self.queue_name,
+            )  # fmt: skip
+            self.known_tags.discard(message._tag)
+            self._nack(message._tag)  # type: ignore[no-untyped-call]
+            return None
+        return message
+
+
 class ConveyorBroker(RabbitmqBroker):
     """dramatiq's RabbitMQ broker, declaring its queues with ``queue_arguments``.
 
-    Two differences from dramatiq: dead-letter queues (``Q.XQ``) are declared without dramatiq's 7-day
+    Three differences from dramatiq: a message that names another queue than its own is refused
+    (``_Consumer``); dead-letter queues (``Q.XQ``) are declared without dramatiq's 7-day
     ``x-message-ttl``, so RabbitMQ never drops a dead letter on its own; the relay files each one in
     Postgres (see ``worker_service/dead_letters.py``) and only an operator removes it. And the queues
     can be quorum queues (``CONVEYOR_QUEUE_TYPE``), which dramatiq itself cannot declare.
@@ -109,6 +133,10 @@ class ConveyorBroker(RabbitmqBroker):
         super().__init__(**kwargs)
         self.queue_type = queue_type
         self.delivery_limit = delivery_limit
+
+    @property
+    def consumer_class(self) -> type[_RabbitmqConsumer]:
+        return _Consumer
 
     def _arguments(self, queue_name: str) -> QueueArguments:
         return queue_arguments(queue_name, self.queue_type, self.delivery_limit)

@@ -228,8 +228,13 @@ def publish_raw(broker_url: str, body: bytes) -> None:
         (json.dumps({"queue_name": DEFAULT_QUEUE, "actor_name": "noop", "args": [], "kwargs": {},
                      "options": {}, "message_id": str(uuid.uuid4()), "message_timestamp": 0}).encode(),
          "UnknownJob"),
+        # dramatiq ran it, then looked up the consumer of the queue it names: none, so the worker thread
+        # died (KeyError) and the message stayed unacknowledged, never filed.
+        (json.dumps({"queue_name": "default", "actor_name": "noop", "args": [], "kwargs": {},
+                     "options": {}, "message_id": str(uuid.uuid4()), "message_timestamp": 0}).encode(),
+         "UnknownJob"),
     ],
-    ids=["garbage", "unknown-type", "unknown-job"],
+    ids=["garbage", "unknown-type", "unknown-job", "names-another-queue"],
 )  # fmt: skip
 def test_invalid_message_becomes_a_visible_dead_letter_and_the_worker_goes_on(
     conveyor: ApiClient, keys: Keys, broker_url: str, body: bytes, error_type: str
