@@ -48,7 +48,9 @@ control_socket_disable = True
 _metrics_dir = os.environ.setdefault(prometheus_dir.ENV, prometheus_dir.default_dir("api", bind))
 
 
-def on_starting(server: Any) -> None:
+def when_ready(server: Any) -> None:
+    """Once the listening socket is ours (and before any worker starts): an API started on a port that
+    another one holds fails to bind first, and leaves that API's samples alone."""
     prometheus_dir.prepare(_metrics_dir)
 
 

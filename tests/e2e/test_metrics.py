@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,7 +12,7 @@ import pytest
 import requests
 from conftest import Keys
 from prometheus_client.parser import text_string_to_metric_families
-from support import DEFAULT_QUEUE, ApiClient, ServiceProcess, free_port, queue_counts, wait_for
+from support import DEFAULT_QUEUE, ROOT, ApiClient, ServiceProcess, free_port, queue_counts, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -215,6 +217,24 @@ def test_api_metrics_use_route_templates_and_count_submissions(
     route = "/v1/jobs/<uuid:job_id>"
     assert delta("conveyor_http_requests_total", method="GET", route=route, status="200") == 1
     assert not [k for k in after if job_id in str(k)], "no job id ever becomes a label"
+
+
+def test_an_api_started_on_a_taken_port_leaves_the_running_apis_metrics_alone(
+    api: ApiClient, keys: Keys, service_env: dict[str, str]
+) -> None:
+    """The directory of the API's samples is named after its bind; a second API on that bind emptied
+    it before failing to bind, and the running API's counters went back to zero."""
+    url, auth = f"{api.base_url}/metrics", {"Authorization": f"Bearer {keys.admin}"}
+    api.submit({"type": "noop", "delay_seconds": 3600})
+    before = value(scrape(url, auth), "conveyor_jobs_submitted_total", type="noop")
+    assert before >= 1
+    second = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "api"], env=service_env, cwd=ROOT, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert second.returncode != 0, "the port is taken"
+    assert "in use" in second.stdout + second.stderr
+    assert value(scrape(url, auth), "conveyor_jobs_submitted_total", type="noop") >= before
 
 
 def test_request_id_travels_from_the_request_into_the_worker_logs(
