@@ -96,6 +96,13 @@ def queue_arguments(queue_name: str, queue_type: str, delivery_limit: int) -> Qu
     )
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: reason`` of a broker error. pika's connection errors keep their reason in ``args`` and
+    print as nothing (``AMQPConnectionError: ``, which told an operator nothing)."""
+    reason = str(exc) or ", ".join(str(arg) or repr(arg) for arg in exc.args)
+    return f"{type(exc).__name__}: {reason}"
+
+
 class _Consumer(_RabbitmqConsumer):
     """dramatiq's consumer, refusing a message that names another queue than the one it came from.
 
@@ -208,7 +215,7 @@ class Publisher:
                 # dramatiq declares the queue (and its .DQ and .XQ) once per process, with our arguments.
                 self._broker.declare_queue(queue, ensure=True)
         except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
-            logger.warning("cannot declare queues, nothing published: %s", exc)
+            logger.warning("cannot declare queues, nothing published: %s", describe(exc))
             PUBLISH_FAILURES.inc(len(dispatches))
             return []
         outgoing = [
@@ -254,7 +261,7 @@ def check_broker(settings: Settings) -> None:
     try:
         connection = pika.BlockingConnection(params)
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise BrokerUnavailable(describe(exc)) from exc
     connection.close()
 
 
@@ -294,7 +301,7 @@ class DeadLetterReader:
             return taken
         except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
             del self._broker.connection  # start afresh next time; unacked messages are requeued
-            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise BrokerUnavailable(describe(exc)) from exc
 
     def ack(self, messages: Sequence[DeadMessage]) -> None:
         """Acknowledge exactly these messages (never with ``multiple``: that would also ack messages
@@ -314,7 +321,7 @@ class DeadLetterReader:
                 settle(channel, message.delivery_tag)
         except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
             del self._broker.connection  # closing the channel requeues whatever it had not acked
-            raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise BrokerUnavailable(describe(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -370,7 +377,7 @@ def _depth_from_amqp(settings: Settings, queue_name: str) -> QueueDepth:
     try:
         connection = pika.BlockingConnection(pika.URLParameters(url_with_defaults(settings.broker_url)))
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        raise BrokerUnavailable(describe(exc)) from exc
     try:
         frame = connection.channel().queue_declare(queue=queue_name, passive=True)
         return QueueDepth(frame.method.message_count, None, frame.method.consumer_count, "amqp")

@@ -309,6 +309,8 @@ class Settings:
             if raw is None:
                 continue
             values[f.name] = _parse(f, raw)
+        if "database_url" in values:
+            _check_dsn(values["database_url"])
         return cls(**values)
 
     def display_value(self, name: str) -> str:
@@ -328,6 +330,9 @@ class Settings:
         return _redact(self.broker_url)
 
 
+_KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false"}
+
+
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     env, kind = f.metadata["env"], cast(type, type(f.default))
     try:
@@ -338,7 +343,7 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         else:
             value = kind(raw)
     except ValueError:
-        raise SettingsError(f"{env} must be a {kind.__name__}, got {raw!r}") from None
+        raise SettingsError(f"{env} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {raw!r}") from None
     if kind is float and not math.isfinite(value):
         raise SettingsError(f"{env} must be a finite number, got {raw!r}")
     choices = f.metadata["choices"]
@@ -355,6 +360,20 @@ _KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)", re
 #: A URL's userinfo password, up to the authority's last ``@``: also when it holds a character
 #: the URL parser splits on (an unencoded ``#`` or ``?``), where ``urlsplit`` finds no password.
 _URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)([^/]*)@", re.IGNORECASE)
+
+
+def _check_dsn(dsn: str) -> None:
+    """SettingsError unless libpq can read ``dsn`` (a ``postgresql://`` URL or ``key=value`` pairs)."""
+    import psycopg2.extensions  # here: settings are read by processes that never open a connection too
+
+    try:
+        psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        reason = (str(exc).strip().splitlines() or ["invalid"])[0]
+        raise SettingsError(
+            f"CONVEYOR_DATABASE_URL is not a Postgres connection string ({reason}): {_redact(dsn)!r}; "
+            "use postgresql://user:password@host:5432/database"
+        ) from None
 
 
 def _redact(url: str) -> str:

@@ -19,7 +19,11 @@ Errors are printed as one line on stderr with a non-zero exit code (2 for a usag
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import psycopg2
+import psycopg2.errors
 
 from shared.cli import admin, probes, processes, remote
 from shared.errors import StoreUnavailable
@@ -81,3 +85,20 @@ def main(argv: list[str] | None = None) -> int:
             f"conveyor: cannot reach Postgres at {settings.redacted_database_url()}: {exc}", file=sys.stderr
         )
         return 1
+    except psycopg2.errors.UndefinedTable as exc:
+        print(
+            f"conveyor: the database at {settings.redacted_database_url()} has no Conveyor tables "
+            f"({_first_line(exc)}); run `conveyor migrate` first",
+            file=sys.stderr,
+        )
+        return 1
+    except psycopg2.Error as exc:
+        print(f"conveyor: Postgres refused: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (`conveyor dlq list --json | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

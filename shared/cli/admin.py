@@ -57,7 +57,11 @@ def keys_create(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def keys_list(settings: Settings, args: argparse.Namespace) -> int:
-    keys = _db(settings).read(lambda cur: key_store.list_keys(cur, args.tenant))
+    db = _db(settings)
+    if args.tenant is not None and db.read(lambda cur: tenant_store.get_tenant(cur, args.tenant)) is None:
+        print(f"conveyor keys list: no tenant {args.tenant}", file=sys.stderr)
+        return 1
+    keys = db.read(lambda cur: key_store.list_keys(cur, args.tenant))
     print(f"{'PREFIX':<14} {'TENANT':<20} {'SCOPES':<30} {'CREATED':<20} {'REVOKED':<20} DESCRIPTION")
     for key in keys:
         revoked = key.revoked_at.strftime("%Y-%m-%d %H:%M") if key.revoked_at else "-"
@@ -139,10 +143,15 @@ def _limit(raw: str | None, kind: type, current: object, minimum: float, maximum
     if not math.isfinite(value):  # float("nan"), float("inf") and float("1e400") parse
         raise UsageError(f"{raw!r} is not a finite number")
     if value < minimum:
-        raise UsageError(f"{raw!r} is below the minimum of {minimum:g}")
+        raise UsageError(f"{raw!r} is below the minimum of {_number(minimum)}")
     if value > maximum:
-        raise UsageError(f"{raw!r} is above the maximum of {maximum:g}")
+        raise UsageError(f"{raw!r} is above the maximum of {_number(maximum)}")
     return value
+
+
+def _number(bound: float) -> str:
+    """A bound as an operator would type it: 2147483647, 1000000, 0.001 (``:g`` wrote 2.14748e+09)."""
+    return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

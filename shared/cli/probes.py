@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from shared import heartbeat
@@ -34,10 +35,14 @@ def relay_alive(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if verdict.alive else 1
 
 
-def _positive(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {raw!r}")
+def seconds(raw: str) -> float:
+    """A number of seconds above 0 (argparse names the type after this function in its errors)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {raw!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {raw!r}")
     return value
 
 
@@ -50,7 +55,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     )
     alive.add_argument(
         "--max-age",
-        type=_positive,
+        type=seconds,
         required=True,
         metavar="SECONDS",
         help="oldest acceptable heartbeat; well above CONVEYOR_JOB_LEASE_SECONDS / 3",
@@ -70,7 +75,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     )
     relay.add_argument(
         "--max-age",
-        type=_positive,
+        type=seconds,
         required=True,
         metavar="SECONDS",
         help="oldest acceptable heartbeat; a round takes CONVEYOR_RELAY_POLL_SECONDS when idle",

@@ -119,7 +119,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["tenants", "set", "default", "--submit-rate", "1e400"], "not a finite number"),
         (["tenants", "set", "default", "--submit-rate", "1e7"], "above the maximum"),
         (["tenants", "set", "default", "--max-active-jobs", "99999999999999999999"], "above the maximum"),
-        (["tenants", "set", "default", "--submit-burst", "2147483648"], "above the maximum"),
+        (["tenants", "set", "default", "--submit-burst", "2147483648"], "above the maximum of 2147483647"),
+        (["tenants", "set", "default", "--submit-rate", "1000001"], "above the maximum of 1000000"),
+        (["worker-alive", "--max-age", "abc"], "not a number of seconds: 'abc'"),
         (["migrate", "--bogus"], "takes no arguments, got: --bogus"),
         (["settings", "extra"], "takes no arguments, got: extra"),
         (["jobs", "list", "--limit", "0"], "0 is not between 1 and 200"),
@@ -161,6 +163,8 @@ def test_cli_manages_tenants_and_lists_keys_without_secrets() -> None:
     row = next(line for line in tenants.splitlines() if line.startswith(name))
     assert row.split()[1:] == ["7", "2.5", "200*"]
     assert run_cli("tenants", "set", "nobody-here", "--max-active-jobs", "1").returncode == 1
+    unknown = run_cli("keys", "list", "--tenant", "nobody-here")
+    assert (unknown.returncode, unknown.stderr.strip()) == (1, "conveyor keys list: no tenant nobody-here")
 
 
 def test_cli_reports_an_unreachable_database_in_one_line() -> None:
@@ -173,3 +177,42 @@ def test_cli_reports_an_unreachable_database_in_one_line() -> None:
     assert "cannot reach Postgres" in result.stderr
     assert "hunter2" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_explains_a_database_it_cannot_use_in_one_line(dsn: str) -> None:
+    """An unreadable DSN is a usage error; a database without Conveyor's tables says to migrate (both
+    were tracebacks)."""
+    env = __import__("os").environ
+    unreadable = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "tenants", "list"], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, env={**env, "CONVEYOR_DATABASE_URL": "host=db password=hunter2 notaurl"},
+    )  # fmt: skip
+    assert unreadable.returncode == 2
+    assert "CONVEYOR_DATABASE_URL is not a Postgres connection string" in unreadable.stderr
+    assert "hunter2" not in unreadable.stderr
+    unmigrated = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "keys", "list"], cwd=ROOT, capture_output=True, text=True,
+        timeout=60, env={**env, "CONVEYOR_DATABASE_URL": dsn.rsplit("/", 1)[0] + "/postgres"},
+    )  # fmt: skip
+    assert unmigrated.returncode == 1
+    assert "run `conveyor migrate` first" in unmigrated.stderr
+    for result in (unreadable, unmigrated):
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.usefixtures("database")
+def test_cli_output_into_a_closed_pipe_is_not_a_traceback() -> None:
+    """`conveyor tenants list | head -0`: the reader is gone before the first line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "tenants", "list"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        stderr = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr
