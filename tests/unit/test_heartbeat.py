@@ -148,4 +148,4 @@ def test_worker_alive_refuses_a_max_age_of_zero(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["worker-alive", "--max-age", "0"])
     assert exited.value.code == 2
-    assert "must be above 0" in capsys.readouterr().err
+    assert "must be a number of seconds above 0" in capsys.readouterr().err
