@@ -201,7 +201,9 @@ class _Link:
         self.attempt_over.set()
 
     def _on_channel_closed(self, exc: BaseException) -> None:
-        logger.warning("RabbitMQ publisher channel closed: %s", exc)
+        # 200 is a normal close (ours, at shutdown): news only when RabbitMQ or the network closed it.
+        normal = isinstance(exc, pika.exceptions.ChannelClosed) and exc.reply_code == 200
+        logger.log(logging.INFO if normal else logging.WARNING, "RabbitMQ publisher channel closed: %s", exc)
         self._fail_all()
         if self.connection.is_open:
             self.connection.close()

@@ -57,6 +57,20 @@ def test_an_unroutable_message_is_not_confirmed_and_the_rest_are(
     assert publisher.publish(batch) == [True, True, False, True, True]
 
 
+def test_closing_the_publisher_is_not_a_warning(
+    settings: Settings, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every Ctrl-C of `conveyor run` logged "publisher channel closed: (200, 'Normal shutdown')" as a
+    warning; a warning is for a channel that RabbitMQ or the network closed."""
+    publisher = ConfirmingPublisher(pika.URLParameters(url_with_defaults(settings.broker_url)))
+    assert publisher.publish(messages(queue, 1)) == [True]
+    with caplog.at_level("INFO", logger="shared.confirms"):
+        publisher.close()
+    closed = [r for r in caplog.records if "publisher channel closed" in r.getMessage()]
+    assert closed, "the close is still logged"
+    assert all(r.levelname == "INFO" for r in closed), [(r.levelname, r.getMessage()) for r in closed]
+
+
 def test_a_dead_broker_fails_fast_and_publishes_nothing() -> None:
     dead = ConfirmingPublisher(pika.URLParameters(url_with_defaults("amqp://guest:guest@127.0.0.1:1/%2F")))
     began = time.monotonic()
