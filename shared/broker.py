@@ -25,6 +25,7 @@ from dramatiq.common import dq_name, xq_name
 from dramatiq.errors import DramatiqError
 from prometheus_client import Counter
 
+from shared import no_redirects
 from shared.confirms import ConfirmingPublisher, OutgoingMessage
 from shared.errors import BrokerUnavailable
 from shared.job_types import PRIORITY_RANGE
@@ -359,7 +360,8 @@ def _depth_from_management(settings: Settings, queue_name: str) -> QueueDepth:
     )
     request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+        # No redirects: the request carries RabbitMQ's password, which must not follow one elsewhere.
+        with no_redirects.opener().open(request, timeout=2) as response:
             data = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 404:

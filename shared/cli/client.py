@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
+from shared import no_redirects
+
 #: Where ``make run`` serves the API.
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Seconds to wait for an answer; generous, since a call may wait on a busy database.
@@ -65,11 +67,6 @@ class Response:
         return _seconds(self.headers.get("Retry-After"))
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # the 3xx becomes an HTTPError, reported as an ApiProblem
-
-
 def check_base_url(url: str) -> str:
     """``url`` without a trailing slash; ValueError unless it is an http(s) URL with a host."""
     parts = urllib.parse.urlsplit(url.strip())
@@ -85,7 +82,7 @@ class ApiClient:
         self.base_url = check_base_url(base_url)
         self._key = key
         self._timeout = timeout
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._opener = no_redirects.opener()  # a 3xx becomes an HTTPError, reported as an ApiProblem
 
     def get(self, path: str, query: Sequence[tuple[str, str]] = ()) -> Response:
         suffix = "?" + urllib.parse.urlencode(query) if query else ""

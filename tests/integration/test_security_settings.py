@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import psycopg2
@@ -216,3 +217,40 @@ def test_cli_output_into_a_closed_pipe_is_not_a_traceback() -> None:
     proc.wait(timeout=60)
     assert "Traceback" not in stderr
     assert "BrokenPipeError" not in stderr
+
+
+@pytest.mark.usefixtures("rabbitmq")
+def test_queue_statistics_never_follow_a_redirect_with_rabbitmqs_password(settings: Settings) -> None:
+    """The management API request carries the broker's password in its Authorization header; urllib's
+    default opener followed a 3xx to wherever it pointed, header and all."""
+    import http.server
+
+    from shared.broker import queue_depth
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/elsewhere"):
+                seen.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b'{"messages_ready": 0, "messages_unacknowledged": 0, "consumers": 0}')
+                return
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/elsewhere")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        depth = queue_depth(dataclasses.replace(settings, rabbitmq_management_url=url), "conveyor.nothing")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [], "the redirect was not followed"
+    assert depth.source == "amqp", "the statistics came over AMQP instead"
