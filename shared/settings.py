@@ -63,6 +63,12 @@ class Settings:
         "Upper bound on any one statement, so a stuck lock never hangs a request forever.",
         minimum=100,
     )
+    db_prepared_statements: bool = setting(
+        "CONVEYOR_DB_PREPARED_STATEMENTS",
+        True,
+        "Prepare the hot statements once per connection (SQL PREPARE). Set false behind a pooler in "
+        "transaction mode (PgBouncer), where a session's prepared statements do not follow it.",
+    )
     # --- RabbitMQ -------------------------------------------------------------------------------
     broker_url: str = setting(
         "CONVEYOR_BROKER_URL",

@@ -48,6 +48,7 @@ class Database:
     def __init__(self, settings: Settings, *, application_name: str = "conveyor") -> None:
         self._dsn = settings.database_url
         self._connect_kwargs: dict[str, Any] = {
+            "connection_factory": _PreparingConnection if settings.db_prepared_statements else _Connection,
             "connect_timeout": settings.db_connect_timeout_seconds,
             "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
             "application_name": application_name,
@@ -126,6 +127,18 @@ class Database:
             _close_quietly(conn)
 
 
+class _Connection(psycopg2.extensions.connection):
+    """A connection that runs ``Prepared`` statements as plain SQL (``CONVEYOR_DB_PREPARED_STATEMENTS``
+    false: behind a pooler in transaction mode, the next statement may reach another server session,
+    which never saw the PREPARE)."""
+
+    prepares = False
+
+
+class _PreparingConnection(_Connection):
+    prepares = True
+
+
 class _StaleConnection(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
@@ -199,11 +212,17 @@ class Prepared:
             raise ValueError(f"{name}: a parameter has no type: {positional[positional.index('%(') :][:40]}")
         signature = ", ".join(types.values())
         self._prepare = f"PREPARE {name}({signature}) AS {positional.replace('%%', '%')}"
+        self._plain = sql
+        for param, kind in types.items():  # typed as PREPARE types them (an empty array has no type)
+            self._plain = self._plain.replace(f"%({param})s", f"%({param})s::{kind}")
         placeholders = ", ".join(f"%s::{kind}" for kind in types.values())
         self._execute = f"EXECUTE {name}({placeholders})"
         self._prepared_on: weakref.WeakSet[psycopg2.extensions.connection] = weakref.WeakSet()
 
     def execute(self, cur: Cursor, params: dict[str, Any]) -> None:
+        if not getattr(cur.connection, "prepares", True):
+            cur.execute(self._plain, params)
+            return
         if cur.connection not in self._prepared_on:
             # Generic plans: otherwise Postgres re-plans a prepared statement whenever it guesses that
             # a custom plan could be cheaper, which for these statements it never is.

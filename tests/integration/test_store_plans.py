@@ -150,3 +150,42 @@ def test_the_statements_of_every_request_are_planned_once_per_connection(dsn: st
     for name in ("conveyor_lookup_active_key", "conveyor_get_job", "conveyor_get_tenant"):
         assert name in plans, f"{name} is not prepared: {sorted(plans)}"
         assert plans[name] == (3, 0), f"{name}: (generic, custom) plans = {plans[name]}"
+
+
+def test_without_prepared_statements_the_same_statements_run_as_plain_sql(
+    settings: Settings, database: str
+) -> None:
+    """CONVEYOR_DB_PREPARED_STATEMENTS=false, for a pooler in transaction mode: there the next statement
+    may reach a server session that never saw the PREPARE. Every prepared statement runs, and leaves
+    nothing prepared in the session."""
+    import dataclasses
+
+    db = Database(dataclasses.replace(settings, db_prepared_statements=False))
+    limits = tenant_store.TenantLimits(
+        max_active_jobs=10**6, submit_rate_per_second=10**6, submit_burst=10**6
+    )
+    job_id = uuid.uuid4()
+
+    def every_statement(cur: psycopg2.extensions.cursor) -> list[tuple[str]]:
+        assert api_key_store.lookup_active(cur, "cvk_nosuchkey") is None
+        assert tenant_store.get_tenant(cur, "no-such-tenant") is None
+        submitted = job_store.submit(
+            cur, job_id, TENANT, NOOP, limits=limits, outbox_grace_seconds=0,
+            idempotency=job_store.IdempotencyRecord(uuid.uuid4().hex, "f" * 64, 3600, 202), request_id=None,
+        )  # fmt: skip
+        assert submitted.job is not None
+        row = job_store.NewRow(uuid.uuid4(), NOOP, None)
+        job_store.insert_jobs(cur, TENANT, [row], max_active_jobs=10**6, outbox_grace_seconds=0)
+        written = attempt_store.write_round(cur, [job_id, row.job_id], 30, [])
+        assert all(isinstance(answer, attempt_store.Claimed) for answer in written.claims.values())
+        assert attempt_store.write_round(cur, [], 30, []).claims == {}  # empty arrays keep their types
+        job = job_store.get_job(cur, job_id, TENANT)
+        assert job is not None
+        assert job.status.value == "running"
+        cur.execute("SELECT name FROM pg_prepared_statements")
+        return cur.fetchall()
+
+    try:
+        assert db.run(every_statement) == [], "nothing was prepared"
+    finally:
+        db.close()
