@@ -216,7 +216,7 @@ _EXAMPLE_DETAILS = {
     "idempotency-key-in-flight": "A request with this Idempotency-Key is still in progress.",
     "idempotency-key-reused": "This Idempotency-Key was already used for a different request.",
     "illegal-transition": "The job already succeeded; a finished job cannot be cancelled.",
-    "service-unavailable": "The database is unavailable; nothing was written.",
+    "service-unavailable": "The database is unavailable; the request may or may not have taken effect. Retry it with the same Idempotency-Key.",
     "not-ready": "Unreachable: rabbitmq.",
 }
 _EXAMPLE_EXTRAS: dict[str, dict[str, Any]] = {

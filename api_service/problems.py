@@ -152,7 +152,7 @@ RETRY_AFTER_IN_FLIGHT = 1
 def from_conveyor_error(exc: errors.ConveyorError) -> Problem:
     if isinstance(exc, errors.StoreUnavailable):
         logger.warning("database unavailable: %s", exc)
-        return Problem("service-unavailable", "The database is unavailable; nothing was written.",
+        return Problem("service-unavailable", "The database is unavailable; the request may or may not have taken effect. Retry it with the same Idempotency-Key.",
                        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE)})  # fmt: skip
     if isinstance(exc, errors.JobNotFound):
         return Problem("job-not-found", str(exc) or "No job has this id.")

@@ -96,8 +96,8 @@ class Database:
         """Run ``work(cursor)``, by default inside one transaction, and return its result.
 
         If a connection taken from the pool turns out to be dead (Postgres restarted since it was
-        last used), the work is retried once on a fresh connection: nothing of it can have been
-        committed. Pass ``transaction=False`` for a single statement that commits by itself; it is
+        last used), every idle connection is dropped with it, and the work is retried once on a fresh
+        connection: nothing of it can have been committed. Pass ``transaction=False`` for a single statement that commits by itself; it is
         never retried (the statement may have run before the connection broke) unless it only reads
         (``read_only=True``, see ``read``).
         """
@@ -106,8 +106,11 @@ class Database:
                 try:
                     return _run_on(conn, work, transaction)
                 except _StaleConnection as stale:
+                    # The server behind it restarted (or the network dropped it): the other idle
+                    # connections are from before that too, so none of them is tried next.
+                    self._discard_idle()
                     if (transaction or read_only) and reused and attempt == 1:
-                        logger.info("discarding a dead pooled connection: %s", stale.cause)
+                        logger.info("discarding dead pooled connections: %s", stale.cause)
                         continue
                     raise StoreUnavailable(_describe(stale.cause)) from stale.cause
         raise AssertionError("unreachable")  # pragma: no cover
@@ -121,6 +124,9 @@ class Database:
         return self.run(work, transaction=False)
 
     def close(self) -> None:
+        self._discard_idle()
+
+    def _discard_idle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:

@@ -381,6 +381,21 @@ def test_a_waiting_job_whose_message_died_gets_a_new_one(db: Database, dsn: str)
     assert not db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id)), "a running job needs none"
 
 
+def test_a_row_a_publisher_holds_does_not_count_as_the_new_message(db: Database, dsn: str) -> None:
+    """The held row may be the dead message's own, published and confirmed, about to be deleted by the
+    API (or another relay): counted as the job's next message, it left the job with none."""
+    job_id = insert(db)
+    with pg(dsn) as cur:
+        cur.execute(
+            "UPDATE outbox SET locked_until = now() + interval '1 minute' WHERE job_id = %s", (str(job_id),)
+        )
+    assert db.execute(lambda cur: job_store.ensure_dispatch(cur, job_id))
+    with pg(dsn) as cur:  # the publisher deletes its confirmed row
+        cur.execute("DELETE FROM outbox WHERE job_id = %s AND locked_until > now()", (str(job_id),))
+        cur.execute("SELECT count(*) FROM outbox WHERE job_id = %s", (str(job_id),))
+        assert cur.fetchone() == (1,), "the job still has a message to come"
+
+
 def active_counts(dsn: str) -> tuple[int, int]:
     """The tenant's active jobs: (the count the triggers keep, a recount of the rows)."""
     with pg(dsn) as cur:
@@ -456,3 +471,29 @@ def test_statements_writing_many_jobs_keep_the_active_count_and_dead_letters(db:
     with pg(dsn) as cur:
         cur.execute("DELETE FROM jobs WHERE id = ANY(%s::uuid[])", ([str(i) for i in ids[2:5]],))
     assert active_counts(dsn) == (base, base)
+
+
+def test_after_a_postgres_restart_the_pool_drops_every_dead_connection(
+    settings: Settings, database: str, dsn: str
+) -> None:
+    """Each pooled connection dies with the server session behind it. The retry took the next idle
+    connection, as dead as the first, and the request answered 503 with Postgres already back."""
+    import contextlib
+    import dataclasses
+
+    name = f"conveyor-pool-{uuid.uuid4().hex[:8]}"
+    db = Database(dataclasses.replace(settings, db_pool_size=3), application_name=name)
+    try:
+        with contextlib.ExitStack() as held:  # three connections, then all three idle in the pool
+            for _ in range(3):
+                held.enter_context(db._checkout())
+        with pg(dsn) as cur:  # what a restart does to them
+            cur.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+                (name,),
+            )
+            assert cur.fetchone() == (3,)
+        time.sleep(0.2)
+        assert db.run(lambda cur: (cur.execute("SELECT 1"), cur.fetchone())[1]) == (1,)
+    finally:
+        db.close()
