@@ -33,7 +33,7 @@ from marshmallow import fields
 
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
 from api_service.idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
-from api_service.problems import CATALOG, MEDIA_TYPE
+from api_service.problems import CATALOG, MEDIA_TYPE, UNAVAILABLE_DETAIL
 from api_service.request_ids import HEADER as REQUEST_ID
 from shared.job_types import REGISTRY
 from shared.jobs import JobStatus
@@ -216,7 +216,7 @@ _EXAMPLE_DETAILS = {
     "idempotency-key-in-flight": "A request with this Idempotency-Key is still in progress.",
     "idempotency-key-reused": "This Idempotency-Key was already used for a different request.",
     "illegal-transition": "The job already succeeded; a finished job cannot be cancelled.",
-    "service-unavailable": "The database is unavailable; the request may or may not have taken effect. Retry it with the same Idempotency-Key.",
+    "service-unavailable": UNAVAILABLE_DETAIL,
     "not-ready": "Unreachable: rabbitmq.",
 }
 _EXAMPLE_EXTRAS: dict[str, dict[str, Any]] = {

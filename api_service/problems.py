@@ -149,10 +149,17 @@ RETRY_AFTER_UNAVAILABLE = 5
 RETRY_AFTER_IN_FLIGHT = 1
 
 
+#: Not "nothing was written": a write whose connection broke after its COMMIT did happen.
+UNAVAILABLE_DETAIL = (
+    "The database is unavailable; the request may or may not have taken effect. "
+    "Retry it with the same Idempotency-Key."
+)
+
+
 def from_conveyor_error(exc: errors.ConveyorError) -> Problem:
     if isinstance(exc, errors.StoreUnavailable):
         logger.warning("database unavailable: %s", exc)
-        return Problem("service-unavailable", "The database is unavailable; the request may or may not have taken effect. Retry it with the same Idempotency-Key.",
+        return Problem("service-unavailable", UNAVAILABLE_DETAIL,
                        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE)})  # fmt: skip
     if isinstance(exc, errors.JobNotFound):
         return Problem("job-not-found", str(exc) or "No job has this id.")

@@ -229,23 +229,44 @@ class Executor:
         """Write a failed or cancelled attempt's outcome; the status it left the job in, or None if the
         attempt was taken over."""
         error = outcome.error
-
-        def written(ok: bool, status: JobStatus) -> JobStatus | None:
-            return status if ok else None
-
+        write: Callable[[Cursor], JobStatus | None]
         if outcome.cancelled:
-            return written(
-                self._with_db(lambda cur: attempt_store.record_cancelled(cur, job)), JobStatus.CANCELLED
-            )
-        assert error is not None, "successes go through the group commit"
-        if outcome.retryable and job.attempts < job.max_attempts:
+            expected = {JobStatus.CANCELLED}
+
+            def write(cur: Cursor) -> JobStatus | None:
+                return JobStatus.CANCELLED if attempt_store.record_cancelled(cur, job) else None
+
+        elif error is not None and outcome.retryable and job.attempts < job.max_attempts:
             delay = retry_delay_seconds(
                 job.attempts, base=self._settings.retry_base_seconds, cap=self._settings.retry_max_seconds
             )
-            return self._with_db(lambda cur: attempt_store.record_retry(cur, job, error, delay))
-        return written(
-            self._with_db(lambda cur: attempt_store.record_failure(cur, job, error)), JobStatus.FAILED
-        )
+            expected = {JobStatus.RETRYING, JobStatus.CANCELLED}
+
+            def write(cur: Cursor) -> JobStatus | None:
+                return attempt_store.record_retry(cur, job, error, delay)
+
+        else:
+            assert error is not None, "successes go through the group commit"
+            expected = {JobStatus.FAILED}
+
+            def write(cur: Cursor) -> JobStatus | None:
+                return JobStatus.FAILED if attempt_store.record_failure(cur, job, error) else None
+
+        in_doubt = False
+
+        def once() -> JobStatus | None:
+            nonlocal in_doubt
+            try:
+                return self._db.execute(write)
+            except StoreUnavailable:
+                in_doubt = True  # the write may have committed, its answer lost with the connection
+                raise
+
+        status = self._until_stored(once)
+        if status is None and in_doubt:  # written by a try whose answer was lost, or taken over?
+            found = self._with_db(lambda cur: attempt_store.outcome_of(cur, job))
+            status = found if found in expected else None
+        return status
 
     def _report_progress(self, job: Job, percent: float | None, text: str | None) -> None:
         # A NUL or an unpaired surrogate would make Postgres refuse the write, and the attempt fail.

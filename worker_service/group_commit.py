@@ -75,12 +75,14 @@ class _Claim:
 
 
 class _Success:
-    __slots__ = ("job", "on_written", "result_json")
+    __slots__ = ("in_doubt", "job", "on_written", "result_json")
 
     def __init__(self, job: Job, result_json: str, on_written: Callable[[bool], None]) -> None:
         self.job = job
         self.result_json = result_json
         self.on_written = on_written
+        #: It was in a round whose answer was lost: that round may have written it.
+        self.in_doubt = False
 
 
 class GroupCommit:
@@ -149,6 +151,8 @@ class GroupCommit:
                 failures = 0
                 continue
             # Postgres is unreachable: keep the successes, wait, try again (claims were answered).
+            for success in successes:
+                success.in_doubt = True
             with self._wakeup:
                 self._successes[:0] = successes
                 if deadline is not None and time.monotonic() >= deadline:
@@ -194,10 +198,22 @@ class GroupCommit:
             claim.resolve(answer)
         for success in successes:
             try:
-                success.on_written(success.job.id in written.succeeded)
+                success.on_written(success.job.id in written.succeeded or self._written_before(success))
             except Exception:
                 logger.exception("on_written failed for job %s", success.job.id)
         return True
+
+    def _written_before(self, success: _Success) -> bool:
+        """Whether a success this round could not write was written by an earlier round whose answer was
+        lost (rather than taken over): the job then holds this attempt, succeeded."""
+        if not success.in_doubt:
+            return False
+        try:
+            return (
+                self._db.read(lambda cur: attempt_store.outcome_of(cur, success.job)) is JobStatus.SUCCEEDED
+            )
+        except StoreUnavailable:
+            return False  # reported as discarded; the job's row is right either way
 
     def _write_each(self, claims: Sequence[_Claim], successes: Sequence[_Success]) -> None:
         """Write a failed round's items in rounds of one, so that each gets its own outcome."""

@@ -272,6 +272,22 @@ def record_failure(cur: Cursor, job: Job, error: JobError) -> bool:
     return bool(cur.rowcount == 1)
 
 
+def outcome_of(cur: Cursor, job: Job) -> JobStatus | None:
+    """The job's status if it still is at this attempt (its number and its claim's time), else None.
+
+    For an outcome write whose answer was lost with its connection: asked again, its fence no longer
+    matches (the first try committed and moved the job on), and this tells "written by that first try"
+    from "taken over by the relay".
+    """
+    cur.execute(
+        "SELECT status FROM jobs"
+        " WHERE id = %(id)s AND attempts = %(attempt)s AND started_at = %(started_at)s",
+        _attempt(job),
+    )
+    row = cur.fetchone()
+    return None if row is None else JobStatus(row[0])
+
+
 def record_progress(cur: Cursor, job: Job, progress: dict[str, Any]) -> bool:
     """Store progress; returns whether cancellation of the job has been requested."""
     cur.execute(

@@ -97,9 +97,9 @@ class Database:
 
         If a connection taken from the pool turns out to be dead (Postgres restarted since it was
         last used), every idle connection is dropped with it, and the work is retried once on a fresh
-        connection: nothing of it can have been committed. Pass ``transaction=False`` for a single statement that commits by itself; it is
-        never retried (the statement may have run before the connection broke) unless it only reads
-        (``read_only=True``, see ``read``).
+        connection: nothing of it can have been committed. Pass ``transaction=False`` for a single
+        statement that commits by itself; it is never retried (the statement may have run before the
+        connection broke) unless it only reads (``read_only=True``, see ``read``).
         """
         for attempt in (1, 2):
             with self._checkout() as (conn, reused):

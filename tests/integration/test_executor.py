@@ -18,6 +18,7 @@ from shared.store import Database
 from shared.store import jobs as job_store
 from worker_service.context import JobContext
 from worker_service.deadlines import DeadlineMonitor
+from worker_service.errors import FatalJobError
 from worker_service.executor import Executor
 from worker_service.group_commit import GroupCommit
 from worker_service.leases import LeaseKeeper
@@ -171,3 +172,45 @@ def test_a_claim_whose_answer_was_lost_still_runs_its_job_once(
     with pg(dsn) as cur:
         cur.execute("SELECT attempts FROM jobs WHERE id = %s", (str(job_id),))
         assert cur.fetchone() == (1,)
+
+
+class LosesOutcomeAnswer:
+    """The real database, whose first outcome statement (not the group commit's) commits and loses its
+    answer."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.lose = db, 1
+
+    def execute(self, work: Any) -> Any:
+        result = self.db.execute(work)
+        if self.lose:
+            self.lose -= 1
+            raise StoreUnavailable("OperationalError: server closed the connection unexpectedly (simulated)")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+def test_a_final_failure_whose_answer_was_lost_still_dead_letters_its_message(
+    settings: Settings, db: Database, dsn: str
+) -> None:
+    """Written again, the failure's fence no longer matched: the attempt was reported as taken over,
+    and its message was acked instead of dead-lettered."""
+    job_id = insert(db)
+    group, deadlines = GroupCommit(db, lease_seconds=30), DeadlineMonitor()
+    group.start()
+    deadlines.start()
+    message = FakeMessage(job_id)
+
+    def fatal(payload: dict[str, Any], ctx: JobContext) -> None:
+        raise FatalJobError("no")
+
+    try:
+        executor = Executor(settings, LosesOutcomeAnswer(db), group, LeaseKeeper(db, 30), deadlines)  # type: ignore[arg-type]
+        executor.execute(REGISTRY["noop"], fatal, message)
+    finally:
+        deadlines.stop()
+        group.stop()
+    assert message.failed, "the message is dead-lettered"
+    assert job_row(dsn, job_id)[0] == "failed"

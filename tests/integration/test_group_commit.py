@@ -324,3 +324,40 @@ def test_a_round_answers_claims_reclaims_and_refusals_together(db: Database, dsn
         attempt_store.JobStatus.SUCCEEDED, due_later=False
     )
     assert statuses(dsn, [ours, queued]) == {"running": 2}
+
+
+class AnswerLostDatabase:
+    """The real database; the next ``lose`` statements commit, but their answers are lost."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.lose = db, 0
+
+    def execute(self, work: Callable[[Cursor], Any]) -> Any:
+        result = self.db.execute(work)
+        if self.lose > 0:
+            self.lose -= 1
+            raise StoreUnavailable("OperationalError: server closed the connection unexpectedly (simulated)")
+        return result
+
+    def read(self, work: Callable[[Cursor], Any]) -> Any:
+        return self.db.read(work)
+
+
+def test_a_success_whose_answer_was_lost_is_reported_written(db: Database, dsn: str) -> None:
+    """Written again, its fence no longer matched (the first try had moved the job to succeeded): it was
+    reported as taken over, with an 'outcome discarded' warning and the discarded metric."""
+    [job_id] = insert(db, 1)
+    lossy = AnswerLostDatabase(db)
+    group = GroupCommit(lossy, lease_seconds=30)  # type: ignore[arg-type]
+    group.start()
+    try:
+        claim = group.claim(job_id, uuid.uuid4())
+        assert isinstance(claim, attempt_store.Claimed)
+        lossy.lose = 1
+        written: list[bool] = []
+        group.record_success(claim.job, "null", written.append)
+        wait_for(lambda: written, timeout=10, what="the success to be reported")
+    finally:
+        group.stop()
+    assert written == [True]
+    assert statuses(dsn, [job_id]) == {"succeeded": 1}
