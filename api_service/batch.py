@@ -19,7 +19,7 @@ from api_service.openapi_docs import AUTHENTICATED, BODY, ProblemSchema, documen
 from api_service.problems import Problem, from_conveyor_error, invalid, validation_errors
 from api_service.rate_limit import rate_limit_headers
 from api_service.request_ids import current_request_id
-from api_service.schemas import JobCreateSchema, JobSchema, StrictSchema, payload_size_error
+from api_service.schemas import JobCreateSchema, JobSchema, ResponseSchema, StrictSchema, payload_size_error
 from api_service.submission import BatchItem, IdempotentRequest, submit_batch
 from shared.api_keys import Scope
 from shared.errors import ConveyorError, IdempotencyKeyInvalid
@@ -49,7 +49,7 @@ class JobBatchSchema(StrictSchema):
     )
 
 
-class JobBatchItemResultSchema(StrictSchema):
+class JobBatchItemResultSchema(ResponseSchema):
     index = fields.Integer(required=True, metadata={"description": "Position of the job in the request."})
     status = fields.Integer(required=True, metadata={"description": "202, or the status of `problem`."})
     replayed = fields.Boolean(
@@ -59,7 +59,7 @@ class JobBatchItemResultSchema(StrictSchema):
     problem = fields.Nested(ProblemSchema, allow_none=True, required=True)
 
 
-class JobBatchResultSchema(StrictSchema):
+class JobBatchResultSchema(ResponseSchema):
     results = fields.List(fields.Nested(JobBatchItemResultSchema), required=True)
     created = fields.Integer(required=True)
     replayed = fields.Integer(required=True)

@@ -19,6 +19,7 @@ from api_service.schemas import (
     CURSOR_ERROR,
     NO_NUL,
     TENANT,
+    ResponseSchema,
     StrictSchema,
     UtcDateTime,
     decode_cursor,
@@ -39,7 +40,7 @@ blp = Blueprint(
 _NAME = [validate.Length(1, 100), NO_NUL]
 
 
-class DeadLetterSchema(StrictSchema):
+class DeadLetterSchema(ResponseSchema):
     """A failed job, or a message on a Conveyor queue that names no job."""
 
     id = fields.Integer(required=True)
@@ -63,7 +64,7 @@ class DeadLetterSchema(StrictSchema):
     dead_at = UtcDateTime(required=True)
 
 
-class DeadLetterPageSchema(StrictSchema):
+class DeadLetterPageSchema(ResponseSchema):
     """One page of a dead-letter listing."""
 
     items = fields.List(fields.Nested(DeadLetterSchema), required=True)
@@ -100,13 +101,13 @@ class DeadLetterSelectionSchema(_Filters):
     )
 
 
-class ReplayResultSchema(StrictSchema):
+class ReplayResultSchema(ResponseSchema):
     """The outcome of a replay."""
 
     replayed = fields.Integer(required=True, metadata={"description": "Jobs queued again."})
 
 
-class PurgeResultSchema(StrictSchema):
+class PurgeResultSchema(ResponseSchema):
     """The outcome of a purge."""
 
     purged = fields.Integer(required=True, metadata={"description": "Dead letters deleted."})

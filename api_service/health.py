@@ -11,7 +11,7 @@ from werkzeug.exceptions import NotFound
 from api_service.context import services
 from api_service.openapi_docs import NOT_FOUND, documents_problems
 from api_service.problems import CATALOG, Problem
-from api_service.schemas import StrictSchema
+from api_service.schemas import ResponseSchema
 from shared.broker import check_broker
 from shared.errors import BrokerUnavailable, StoreUnavailable
 
@@ -20,13 +20,13 @@ blp = Blueprint("health", __name__, description="Probes for load balancers and K
 PROBLEMS_TAG = {"name": "problems", "description": "What each problem `type` of an error response means."}
 
 
-class HealthSchema(StrictSchema):
+class HealthSchema(ResponseSchema):
     """The process serves requests."""
 
     status = fields.String(required=True, validate=validate.OneOf(["ok"]))
 
 
-class ReadinessSchema(StrictSchema):
+class ReadinessSchema(ResponseSchema):
     """Every dependency is reachable."""
 
     status = fields.String(required=True, validate=validate.OneOf(["ready"]))
@@ -41,7 +41,7 @@ class ReadinessSchema(StrictSchema):
     )
 
 
-class ProblemTypeSchema(StrictSchema):
+class ProblemTypeSchema(ResponseSchema):
     """What a problem type means."""
 
     type = fields.String(

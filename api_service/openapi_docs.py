@@ -44,6 +44,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 class ProblemErrorSchema(ma.Schema):
     """One problem with the request: where it is, and what is wrong."""
 
+    class Meta:
+        unknown = ma.INCLUDE  # a response: members may be added
+
     pointer = fields.String(
         metadata={"description": "JSON pointer into the request body.", "example": "/priority"}
     )
@@ -406,11 +409,18 @@ def _named_enum(self: Any, field: fields.Field[Any], ret: dict[str, Any], **_: A
     return {}
 
 
+#: The schema of JSON null alone, in OpenAPI 3.0.3's terms.
+NULL_ONLY = {"type": "object", "nullable": True, "enum": [None]}
+
+
 def _nullable_nested(self: Any, field: fields.Field[Any], ret: dict[str, Any], **_: Any) -> dict[str, Any]:
     branches = ret.get("anyOf")
     if isinstance(field, fields.Nested) and field.allow_none and isinstance(branches, list):
         refs = [branch for branch in branches if "$ref" in branch]
         if len(refs) == 1:
-            del ret["anyOf"]
-            return {"allOf": refs, "nullable": True}
+            # OpenAPI 3.0.3: `nullable` only adds null to a `type` beside it, so `allOf: [$ref]` with
+            # `nullable` still refused null (strict validators, openapi-core, rejected every queued
+            # job's `error: null`). A second branch that is null and nothing else says it exactly.
+            ret["anyOf"] = [*refs, NULL_ONLY]
+            return {}
     return {}

@@ -11,7 +11,7 @@ from api_service.auth import requires
 from api_service.context import services
 from api_service.json_body import Blueprint
 from api_service.openapi_docs import AUTHENTICATED, documents_problems
-from api_service.schemas import StrictSchema
+from api_service.schemas import ResponseSchema
 from shared import queue_stats
 from shared.api_keys import Scope
 
@@ -20,7 +20,7 @@ blp = Blueprint(
 )
 
 
-class QueueStatsSchema(StrictSchema):
+class QueueStatsSchema(ResponseSchema):
     """One queue: RabbitMQ's view and Postgres's."""
 
     name = fields.String(required=True, metadata={"example": "default"})
@@ -50,14 +50,14 @@ class QueueStatsSchema(StrictSchema):
     )
 
 
-class OutboxStatsSchema(StrictSchema):
+class OutboxStatsSchema(ResponseSchema):
     """Submitted jobs whose message is not published yet."""
 
     backlog = fields.Integer(required=True, metadata={"description": "Due messages not yet published."})
     oldest_seconds = fields.Float(required=True)
 
 
-class QueuesSchema(StrictSchema):
+class QueuesSchema(ResponseSchema):
     """Queue statistics."""
 
     queues = fields.List(fields.Nested(QueueStatsSchema), required=True)

@@ -72,8 +72,20 @@ def _nested(path: tuple[str, ...], message: str) -> Any:
 
 
 class StrictSchema(ma.Schema):
+    """A request body or query: an unknown member is a 422 (a misspelt option must not be ignored)."""
+
     class Meta:
         unknown = ma.RAISE
+
+
+class ResponseSchema(ma.Schema):
+    """A response body. Its document says ``additionalProperties: true``: fields may be added within /v1
+    and clients must ignore those they do not know (api.md, Versioning). ``false``, as a request
+    schema says, made generated clients refuse every response once a field was added (openapi-
+    generator's Java client throws on an unknown field) and strict validators refuse it."""
+
+    class Meta:
+        unknown = ma.INCLUDE
 
 
 class UtcDateTime(fields.AwareDateTime):
@@ -183,7 +195,7 @@ class JobCreateSchema(StrictSchema):
         )
 
 
-class JobErrorSchema(StrictSchema):
+class JobErrorSchema(ResponseSchema):
     """Why the latest attempt failed."""
 
     type = fields.String(required=True, metadata={"description": "Error class, e.g. `WorkerLost`."})
@@ -192,14 +204,14 @@ class JobErrorSchema(StrictSchema):
     attempt = fields.Integer(strict=True, required=True, metadata={"description": "The attempt that failed."})
 
 
-class JobProgressSchema(StrictSchema):
+class JobProgressSchema(ResponseSchema):
     """Progress reported by the current or latest attempt."""
 
     percent = fields.Float(allow_none=True, validate=validate.Range(0, 100), metadata={"example": 50.0})
     message = fields.String(allow_none=True, metadata={"example": "slept 1 of 2 seconds"})
 
 
-class JobSchema(StrictSchema):
+class JobSchema(ResponseSchema):
     """A job: what was asked for, and where it stands."""
 
     id = fields.UUID(required=True)
@@ -244,7 +256,7 @@ class JobSchema(StrictSchema):
     )
 
 
-class JobPageSchema(StrictSchema):
+class JobPageSchema(ResponseSchema):
     """One page of a job listing."""
 
     items = fields.List(fields.Nested(JobSchema), required=True)

@@ -161,3 +161,69 @@ def test_every_operation_id_is_listed_in_the_api_docs(snapshot: dict[str, Any]) 
         re.findall(r"^\| `(\w+)` \| `[A-Z]+ /", (ROOT / "docs" / "api.md").read_text(), re.MULTILINE)
     )
     assert {operation["operationId"] for _, _, operation in operations(snapshot)} == listed
+
+
+def _examples(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """Every (where, schema, example) pair of the document: media types, parameters and schemas."""
+    if isinstance(node, dict):
+        schema = node.get("schema")
+        if isinstance(schema, dict):
+            if "example" in node:
+                yield path, schema, node["example"]
+            for name, example in (node.get("examples") or {}).items():
+                if "value" in example:
+                    yield f"{path}/examples/{name}", schema, example["value"]
+        for key, value in node.items():
+            yield from _examples(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _examples(value, f"{path}/{index}")
+
+
+def oas30_errors(document: dict[str, Any], schema: dict[str, Any], instance: Any) -> list[str]:
+    """What openapi-schema-validator (the validator of openapi-core) finds wrong with ``instance``."""
+    from openapi_schema_validator import OAS30Validator
+
+    validator = OAS30Validator({**schema, "components": document["components"]})
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(instance)]
+
+
+def test_every_example_is_valid_under_openapi_30_semantics(snapshot: dict[str, Any]) -> None:
+    """Generators and validators read `nullable` strictly: with `allOf: [$ref]` it did not admit null,
+    and every example of a queued job (`"error": null`) was invalid against its own document."""
+    found = list(_examples(snapshot["paths"])) + list(_examples(snapshot["components"].get("responses", {})))
+    assert len(found) > 50, "the walk finds the document's examples"
+    invalid = {
+        where: errors
+        for where, schema, example in found
+        if (errors := oas30_errors(snapshot, schema, example))
+    }
+    assert not invalid, json.dumps(invalid, indent=1)[:3000]
+
+
+def test_response_schemas_let_fields_be_added(snapshot: dict[str, Any]) -> None:
+    """api.md promises that responses may gain fields within /v1; `additionalProperties: false` made
+    generated clients (openapi-generator's Java client) throw on the first new field."""
+    schemas = snapshot["components"]["schemas"]
+    responses = {
+        ref.rsplit("/", 1)[1]
+        for ref in re.findall(r'"\$ref": "(#/components/schemas/[^"]+)"', json.dumps(snapshot["paths"]))
+    }
+    requests = {
+        "JobCreate",
+        "JobBatch",
+        "JobBatchItem",
+        "DeadLetterSelection",
+        "NoopPayload",
+        "DemoSleepPayload",
+    }
+    closed = sorted(
+        name for name, schema in schemas.items()
+        if name not in requests and schema.get("type") == "object"
+        and schema.get("additionalProperties") is not True
+    )  # fmt: skip
+    assert "Job" in responses
+    assert not closed, f"response schemas closed to new fields: {closed}"
+    assert all(schemas[name].get("additionalProperties") is False for name in requests), (
+        "requests stay strict"
+    )

@@ -362,3 +362,25 @@ def test_postgres_down_answers_503_with_retry_after(app_without_postgres: Flask,
     assert ready.status_code == 503
     assert ready.get_json()["checks"]["rabbitmq"] == "ok"
     assert ready.get_json()["checks"]["postgres"] != "ok"
+
+
+def test_responses_are_valid_against_the_document_under_openapi_30_semantics(client: FlaskClient) -> None:
+    """What a strict validator (openapi-core's) says of real responses: a queued job (`error`,
+    `progress` and `result` null), a page of them and a batch's results."""
+    from openapi_schema_validator import OAS30Validator
+
+    document = client.get("/openapi.json").get_json()
+
+    def errors(name: str, body: Any) -> list[str]:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+        return [e.message for e in OAS30Validator(schema).iter_errors(body)]
+
+    job = post(client, {"type": "noop", "delay_seconds": 3600})
+    assert job.status_code == 202
+    assert job.get_json()["error"] is None
+    assert errors("Job", job.get_json()) == []
+    assert errors("JobPage", client.get("/v1/jobs?limit=2").get_json()) == []
+    batch = client.post(
+        "/v1/jobs/batch", json={"jobs": [{"type": "noop", "delay_seconds": 3600}, {"type": "?"}]}
+    )
+    assert errors("JobBatchResult", batch.get_json()) == []
