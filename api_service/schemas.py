@@ -71,6 +71,25 @@ def _nested(path: tuple[str, ...], message: str) -> Any:
     return tree
 
 
+class EntryErrorsDict(fields.Dict):
+    """A Dict whose errors name the entry (``/labels/team``), as a JSON pointer into the body must:
+    marshmallow files them under ``key`` or ``value`` below it (``/labels/team/key``), which are not
+    members of the body. The message says whether the key or the value is wrong."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._deserialize(value, attr, data, **kwargs)  # type: ignore[no-untyped-call]
+        except ma.ValidationError as exc:
+            if not isinstance(exc.messages, dict):
+                raise
+            flat = {
+                entry: [m for part in ("key", "value") for m in problems.get(part, [])]
+                if isinstance(problems, dict) and set(problems) <= {"key", "value"} else problems
+                for entry, problems in exc.messages.items()
+            }  # fmt: skip
+            raise ma.ValidationError(flat, valid_data=exc.valid_data) from None
+
+
 class StrictSchema(ma.Schema):
     """A request body or query: an unknown member is a 422 (a misspelt option must not be ignored)."""
 
@@ -143,7 +162,7 @@ class JobCreateSchema(StrictSchema):
         validate=validate.Range(*TIMEOUT_SECONDS_RANGE),
         metadata={"description": "Longest one attempt may run. Defaults to the type's."},
     )
-    labels = fields.Dict(
+    labels = EntryErrorsDict(
         keys=fields.String(validate=LABEL_KEY),
         values=fields.String(validate=LABEL_VALUE, metadata={"pattern": NO_NUL.regex.pattern}),
         load_default=dict,
@@ -305,8 +324,10 @@ def decode_cursor(raw: str, id_type: type[CursorId]) -> tuple[datetime, CursorId
         position = datetime.fromisoformat(at)
         if position.tzinfo is None:
             raise ValueError("cursor time must carry a timezone")
-        return position, row_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        # In UTC, as the API writes it: Postgres refuses offsets beyond ±15:59 (a tampered +16:00 was
+        # a 500), and a time near year 1 or 9999 can leave the range in UTC (OverflowError).
+        return position.astimezone(UTC), row_id
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ma.ValidationError(CURSOR_ERROR) from None
 
 
@@ -332,7 +353,9 @@ class JobListQuerySchema(StrictSchema):
             validate=[
                 validate.Regexp(r"[^:\x00]+:[^\x00]*\Z", error="Use label=key:value (no NUL characters)."),
                 lambda value: LABEL_KEY(value.split(":", 1)[0]) is not None,
-            ]
+            ],
+            # What the two checks enforce, in the document (a key as in LABEL_KEY, then any value).
+            metadata={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}:[^\x00]*$"},
         ),
         metadata={
             "description": "`key:value`; repeat to require several labels.",

@@ -315,6 +315,51 @@ def test_list_rejects_unknown_and_invalid_parameters(client: FlaskClient) -> Non
     assert {e["parameter"] for e in body["errors"]} == {"stauts", "limit", "cursor"}
 
 
+@pytest.mark.parametrize(
+    ("path", "position", "status"),
+    [
+        ("/v1/jobs", ["2026-11-30T05:12:13+16:00", "05fa928d-c6a4-4db3-ab2e-17d23538be72"], 200),
+        ("/v1/dead-letters", ["2026-11-30T05:12:13+23:59", 5], 200),
+        ("/v1/jobs", ["0001-01-01T00:00:00+01:00", "05fa928d-c6a4-4db3-ab2e-17d23538be72"], 422),
+    ],
+    ids=["jobs-offset-16h", "dead-letters-offset-24h", "jobs-before-year-1-in-utc"],
+)
+def test_a_tampered_cursor_is_never_a_500(
+    app: Flask, keys: Keys, path: str, position: list[Any], status: int
+) -> None:
+    """A cursor is base64 JSON; a time with an offset Postgres cannot take (beyond +-15:59) reached the
+    query and was a 500. Read in UTC it is a position like any other; one outside UTC's range is 422."""
+    import base64
+
+    cursor = base64.urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+    response = app.test_client().get(
+        f"{path}?cursor={cursor}", headers={"Authorization": f"Bearer {keys.admin}"}
+    )
+    assert response.status_code == status, response.get_data(as_text=True)
+    if status == 422:
+        assert [e["parameter"] for e in problem(response, 422, "validation-error")["errors"]] == ["cursor"]
+
+
+def test_label_errors_point_at_the_label(client: FlaskClient) -> None:
+    """A JSON pointer names a member of the body: marshmallow's errors pointed at /labels/<k>/key and
+    /labels/<k>/value, which are not."""
+    labels = {"-bad": "x", "long": "v" * 300, "number": 5}
+    for path, prefix, body in (
+        ("/v1/jobs", "", {"type": "noop", "labels": labels}),
+        ("/v1/jobs/batch", "/jobs/0", {"jobs": [{"type": "noop", "labels": labels}]}),
+    ):
+        response = client.post(path, data=json.dumps(body), content_type="application/json")
+        if path.endswith("batch"):
+            errors = response.get_json()["results"][0]["problem"]["errors"]
+        else:
+            errors = problem(response, 422, "validation-error")["errors"]
+        pointers = {e["pointer"] for e in errors}
+        assert pointers == {f"{prefix}/labels/-bad", f"{prefix}/labels/long", f"{prefix}/labels/number"}, (
+            errors
+        )
+        assert any("Label keys" in e["detail"] for e in errors if e["pointer"].endswith("-bad"))
+
+
 @pytest.mark.usefixtures("unchanged_database")
 @pytest.mark.parametrize(
     ("method", "path"),
