@@ -12,7 +12,7 @@ from marshmallow import fields, validate
 from api_service import json_body
 from api_service.auth import current_limits, current_principal, requires
 from api_service.context import services
-from api_service.idempotency import HEADER, MAX_KEY_LENGTH, fingerprint, parse_key
+from api_service.idempotency import HEADER, KEY_PATTERN, MAX_KEY_LENGTH, fingerprint, parse_key
 from api_service.json_body import Blueprint
 from api_service.metrics import count_refusal, count_submission, counting_submission_refusals
 from api_service.openapi_docs import AUTHENTICATED, BODY, ProblemSchema, documents_problems, header
@@ -37,19 +37,32 @@ SINGLE_SUBMIT_PATH = "/v1/jobs"
 
 
 class JobBatchItemSchema(JobCreateSchema):
+    """One job of a batch: a job as `POST /v1/jobs` takes it, with its own optional idempotency key."""
+
+    # Documentation only: the view takes the key out before the job is loaded, and checks it as the
+    # Idempotency-Key header is checked (so the same pattern, quoted form included).
     idempotency_key = fields.String(
-        validate=validate.Length(1, MAX_KEY_LENGTH),
-        metadata={"description": "This job's Idempotency-Key: the same key and job replay the original."},
+        metadata={
+            "description": "This job's Idempotency-Key: the same key and job replay the original. Leave "
+            "it out for none (`null` is refused).",
+            "minLength": 1,
+            "maxLength": MAX_KEY_LENGTH + 2,
+            "pattern": KEY_PATTERN,
+        },
     )
 
 
 class JobBatchSchema(StrictSchema):
+    """Up to 1,000 jobs, each validated and answered on its own."""
+
     jobs = fields.List(
         fields.Nested(JobBatchItemSchema), required=True, validate=validate.Length(1, MAX_BATCH)
     )
 
 
 class JobBatchItemResultSchema(ResponseSchema):
+    """What became of one job of the batch: created (202), replayed, or refused with its problem."""
+
     index = fields.Integer(required=True, metadata={"description": "Position of the job in the request."})
     status = fields.Integer(required=True, metadata={"description": "202, or the status of `problem`."})
     replayed = fields.Boolean(
@@ -60,6 +73,8 @@ class JobBatchItemResultSchema(ResponseSchema):
 
 
 class JobBatchResultSchema(ResponseSchema):
+    """One result per job, in the request's order, and the counts of each outcome."""
+
     results = fields.List(fields.Nested(JobBatchItemResultSchema), required=True)
     created = fields.Integer(required=True)
     replayed = fields.Integer(required=True)
@@ -136,12 +151,16 @@ def _items(body: Any) -> list[Any]:
     return jobs
 
 
+#: A job without an ``idempotency_key`` member (``null`` is not "no key": the schema says string).
+_NO_KEY = object()
+
+
 def _validate(index: int, raw: Any, max_payload_bytes: int) -> BatchItem | Problem:
     """One job of the batch, checked like a single submission; its problems point into the batch."""
     if not isinstance(raw, dict):
         return invalid(pointer=f"/jobs/{index}", detail="Each job must be an object.")
     job = dict(raw)
-    key_value = job.pop("idempotency_key", None)
+    key_value = job.pop("idempotency_key", _NO_KEY)
     try:
         new = _ITEM_SCHEMA.load(job)
     except ma.ValidationError as exc:
@@ -152,7 +171,11 @@ def _validate(index: int, raw: Any, max_payload_bytes: int) -> BatchItem | Probl
     if too_large:
         return invalid(pointer=f"/jobs/{index}/payload", detail=too_large)
     idempotent = None
-    if key_value is not None:
+    if key_value is None:
+        return invalid(
+            pointer=f"/jobs/{index}/idempotency_key", detail="Must be a string; leave it out for no key."
+        )
+    if key_value is not _NO_KEY:
         try:
             key = parse_key([key_value], "This job's idempotency_key") if isinstance(key_value, str) else None
         except ConveyorError as exc:

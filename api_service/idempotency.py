@@ -29,6 +29,8 @@ MAX_KEY_LENGTH = 255
 
 #: Visible ASCII except space, '"', ',' and '\\': a comma would make two headers look like one.
 _KEY = re.compile(r"[!#-+\--\[\]-~]+")
+#: What the document says a key is: ``_KEY``'s characters, 1 to MAX_KEY_LENGTH of them, optionally quoted.
+KEY_PATTERN = rf'^(?:[!#-+\--\[\]-~]{{1,{MAX_KEY_LENGTH}}}|"[!#-+\--\[\]-~]{{1,{MAX_KEY_LENGTH}}}")$'
 
 
 def parse_key(values: list[str], field: str = "The Idempotency-Key header") -> str | None:

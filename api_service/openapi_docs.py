@@ -32,7 +32,7 @@ from flask_smorest import Blueprint
 from marshmallow import fields
 
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
-from api_service.idempotency import MAX_KEY_LENGTH, REPLAYED_HEADER
+from api_service.idempotency import KEY_PATTERN, MAX_KEY_LENGTH, REPLAYED_HEADER
 from api_service.problems import CATALOG, MEDIA_TYPE, UNAVAILABLE_DETAIL
 from api_service.request_ids import HEADER as REQUEST_ID
 from shared.job_types import REGISTRY
@@ -178,7 +178,7 @@ IDEMPOTENCY_KEY_PARAMETER = {
         "type": "string",
         "minLength": 1,
         "maxLength": MAX_KEY_LENGTH + 2,
-        "pattern": rf'^(?:[!#-+\--\[\]-~]{{1,{MAX_KEY_LENGTH}}}|"[!#-+\--\[\]-~]{{1,{MAX_KEY_LENGTH}}}")$',
+        "pattern": KEY_PATTERN,
     },
     "example": "0b5e8f4c-9d2a-4e57-a1c3-7f6b2d9e8a10",
 }

@@ -202,6 +202,15 @@ class TestRejectedSubmissions:
         [result] = response.get_json()["results"]
         assert result["problem"]["detail"] == "This job's idempotency_key is empty."
 
+    def test_a_batch_jobs_null_key_is_refused_not_taken_as_no_key(self, client: FlaskClient) -> None:
+        """The schema says string: `null` created a job without a key, and a client that meant to send
+        one would create a second job on its retry."""
+        body = json.dumps({"jobs": [{"type": "noop", "idempotency_key": None}]})
+        response = client.post("/v1/jobs/batch", data=body, content_type="application/json")
+        [refused] = response.get_json()["results"]
+        assert refused["status"] == 422
+        assert refused["problem"]["errors"][0]["pointer"] == "/jobs/0/idempotency_key"
+
     def test_idempotency_key_sent_twice_is_400(self, client: FlaskClient) -> None:
         response = post(
             client, {"type": "noop"}, headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
