@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import marshmallow as ma
 from flask import Flask, Response, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, UnsupportedMediaType
@@ -115,7 +116,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Authentication first: a caller without a valid key learns nothing, not even about its body.
     app.before_request(auth.authenticate_request)
     app.before_request(_check_request_body)
-    app.before_request(_refuse_unknown_query_parameters)
+    app.before_request(_check_query_parameters)
     app.after_request(_security_headers)
     with app.app_context():
         auth.warn_if_unauthenticated()
@@ -152,23 +153,40 @@ def _check_request_body() -> None:
             raise invalid(pointer=pointer(path), detail=SURROGATE_MESSAGE)
 
 
-def _refuse_unknown_query_parameters() -> None:
+def _check_query_parameters() -> None:
     """422 for a query parameter on a /v1 operation that declares none (those that declare some refuse
-    unknown ones in their own schema). A misspelt option must not be silently ignored."""
-    if not request.args or not request.path.startswith("/v1/") or "query" in _declared_arguments():
+    unknown ones in their own schema), and for one that takes a single value given more than once
+    (webargs kept the first). A misspelt or repeated option must not be silently ignored."""
+    if not request.args or not request.path.startswith("/v1/"):
         return
-    raise Problem(
-        "validation-error",
-        "The request is invalid; see `errors`.",
-        errors=[{"parameter": name, "detail": "Unknown parameter."} for name in sorted(set(request.args))],
-    )
+    schemas = _declared_arguments().get("query")
+    if schemas is None:
+        errors = [{"parameter": name, "detail": "Unknown parameter."} for name in sorted(set(request.args))]
+    else:
+        single = {
+            field.data_key or name for schema in schemas for name, field in _instance(schema).fields.items()
+            if not isinstance(field, ma.fields.List)
+        }  # fmt: skip
+        errors = [
+            {"parameter": name, "detail": "Give this parameter once; it takes one value."}
+            for name in sorted(single) if len(request.args.getlist(name)) > 1
+        ]  # fmt: skip
+    if errors:
+        raise Problem("validation-error", "The request is invalid; see `errors`.", errors=errors)
 
 
-def _declared_arguments() -> set[str]:
+def _instance(schema: ma.Schema | type[ma.Schema]) -> ma.Schema:
+    return schema() if isinstance(schema, type) else schema
+
+
+def _declared_arguments() -> dict[str, list[ma.Schema | type[ma.Schema]]]:
     """Where the operation of this request takes arguments from (flask-smorest's ``in``: ``query``,
-    ``json``), as its ``@blp.arguments`` declare them."""
+    ``json``), with their schemas, as its ``@blp.arguments`` declare them."""
     declared = getattr(auth.request_operation(), "_apidoc", {}).get("arguments", {}).get("parameters", [])
-    return {argument.get("in") for argument in declared}
+    where: dict[str, list[ma.Schema | type[ma.Schema]]] = {}
+    for argument in declared:
+        where.setdefault(argument.get("in"), []).append(argument.get("schema"))
+    return where
 
 
 def _security_headers(response: Response) -> Response:

@@ -39,7 +39,9 @@ _MAX_AUTHORIZATION = 200
 SECURITY_SCHEME = {
     "type": "http",
     "scheme": "bearer",
-    "description": "An API key from `conveyor keys create`.",
+    "description": "An API key from `conveyor keys create`. A server run for local development with "
+    "`CONVEYOR_AUTH=none` (as `make run` does) ignores it: every request then acts as tenant `default` "
+    "with every scope, and no request gets 401 or 403. The document is the same in both modes.",
 }
 
 

@@ -319,6 +319,21 @@ def test_list_filters_say_what_a_valid_value_is(client: FlaskClient, query: str,
     assert error["detail"].startswith(detail), error
 
 
+@pytest.mark.parametrize(
+    ("path", "repeated"),
+    [("/v1/jobs?limit=1&limit=3", "limit"), ("/v1/jobs?status=queued&created_after=2026-01-01T00:00:00Z"
+      "&created_after=2027-01-01T00:00:00Z", "created_after"), ("/v1/dead-letters?limit=1&limit=2", "limit")],
+)  # fmt: skip
+def test_a_single_valued_parameter_given_twice_is_422(client: FlaskClient, path: str, repeated: str) -> None:
+    """webargs kept the first value and dropped the rest without a word."""
+    errors = problem(client.get(path), 422, "validation-error")["errors"]
+    assert errors == [{"parameter": repeated, "detail": "Give this parameter once; it takes one value."}]
+
+
+def test_list_parameters_may_repeat(client: FlaskClient) -> None:
+    assert client.get("/v1/jobs?status=queued&status=failed&type=noop&type=demo.sleep").status_code == 200
+
+
 def test_list_rejects_unknown_and_invalid_parameters(client: FlaskClient) -> None:
     body = problem(client.get("/v1/jobs?stauts=failed&limit=0&cursor=zzz"), 422, "validation-error")
     assert {e["parameter"] for e in body["errors"]} == {"stauts", "limit", "cursor"}
