@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -107,11 +108,27 @@ class ResponseSchema(ma.Schema):
         unknown = ma.INCLUDE
 
 
+#: RFC 3339's date-time (what the document's `format: date-time` means): T and Z in either case, seconds
+#: required, an offset with a colon.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})\Z")
+RFC3339_MESSAGE = (
+    "Not an RFC 3339 date-time: write it like 2026-11-30T09:00:00Z or 2026-11-30T10:00:00+01:00 "
+    "(in a query string, encode + as %2B)."
+)
+
+
 class UtcDateTime(fields.AwareDateTime):
-    """An ISO 8601 time with an offset, converted to UTC (Postgres refuses offsets beyond ±15:59)."""
+    """An RFC 3339 time, converted to UTC (Postgres refuses offsets beyond ±15:59).
+
+    marshmallow's ISO 8601 parser took forms the document's `format: date-time` does not promise
+    (`2026-01-01 09:00Z`, `20260101T090000Z`, `+0100`) and refused lowercase `t` and `z`, which it does.
+    A leap second (`:60`) is refused: Python's datetime has none.
+    """
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> datetime:
-        parsed = super()._deserialize(value, attr, data, **kwargs)
+        if not isinstance(value, str) or not _RFC3339.match(value):
+            raise ma.ValidationError(RFC3339_MESSAGE)
+        parsed = super()._deserialize(value.upper(), attr, data, **kwargs)
         try:
             return parsed.astimezone(UTC)
         except OverflowError:

@@ -253,3 +253,29 @@ def test_list_query_rejects_unknown_status_and_label_without_colon() -> None:
     with pytest.raises(ma.ValidationError) as caught:
         JobListQuerySchema().load({"status": ["done"], "label": ["team"]})
     assert set(caught.value.messages) == {"status", "label"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-01-01T09:00:00Z",
+        "2026-01-01t09:00:00z",
+        "2026-01-01T09:00:00.5+01:00",
+        "2026-01-01T09:00:00-15:59",
+    ],
+)
+def test_times_are_rfc_3339_date_times(value: str) -> None:
+    loaded = JobListQuerySchema().load({"created_after": value})["created_after"]
+    assert loaded.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2026-01-01 09:00:00Z", "2026-01-01T09:00Z", "20260101T090000Z", "2026-W01-1T09:00:00Z",
+     "2026-01-01T09:00:00,5Z", "2026-01-01T09:00:00+0100", "2026-01-01T09:00:00", "2026-12-31T23:59:60Z"],
+)  # fmt: skip
+def test_other_iso_8601_forms_are_refused(value: str) -> None:
+    """The document says `format: date-time` (RFC 3339); marshmallow's parser took these."""
+    with pytest.raises(ma.ValidationError) as refused:
+        JobListQuerySchema().load({"created_after": value})
+    assert "created_after" in refused.value.messages
