@@ -140,13 +140,14 @@ class Executor:
             # Written in the process's next group-commit round; this thread moves on to its next message.
             self._group.record_success(
                 job,
+                token,
                 outcome.result_json,
                 lambda written: self._report(
                     job, outcome, JobStatus.SUCCEEDED if written else None, timer, log
                 ),
             )
             return
-        status = self._record(job, outcome)
+        status = self._record(job, token, outcome)
         self._report(job, outcome, status, timer, log)
         if status is JobStatus.FAILED:
             message.fail()  # dead-letter the message to the queue's XQ
@@ -225,7 +226,7 @@ class Executor:
                             str(exc), retryable=False)  # fmt: skip
         return Outcome(result_json=encoded)
 
-    def _record(self, job: Job, outcome: Outcome) -> JobStatus | None:
+    def _record(self, job: Job, token: uuid.UUID, outcome: Outcome) -> JobStatus | None:
         """Write a failed or cancelled attempt's outcome; the status it left the job in, or None if the
         attempt was taken over."""
         error = outcome.error
@@ -264,7 +265,7 @@ class Executor:
 
         status = self._until_stored(once)
         if status is None and in_doubt:  # written by a try whose answer was lost, or taken over?
-            found = self._with_db(lambda cur: attempt_store.outcome_of(cur, job))
+            found = self._with_db(lambda cur: attempt_store.outcome_of(cur, job, token))
             status = found if found in expected else None
         return status
 

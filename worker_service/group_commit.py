@@ -75,10 +75,13 @@ class _Claim:
 
 
 class _Success:
-    __slots__ = ("in_doubt", "job", "on_written", "result_json")
+    __slots__ = ("in_doubt", "job", "on_written", "result_json", "token")
 
-    def __init__(self, job: Job, result_json: str, on_written: Callable[[bool], None]) -> None:
+    def __init__(
+        self, job: Job, token: uuid.UUID, result_json: str, on_written: Callable[[bool], None]
+    ) -> None:
         self.job = job
+        self.token = token
         self.result_json = result_json
         self.on_written = on_written
         #: It was in a round whose answer was lost: that round may have written it.
@@ -94,6 +97,8 @@ class GroupCommit:
         self._stop_timeout = stop_timeout
         self._claims: list[_Claim] = []
         self._successes: list[_Success] = []
+        #: Tokens of claims whose round's answer was lost: they may hold their job already.
+        self._in_doubt: set[uuid.UUID] = set()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -126,12 +131,14 @@ class GroupCommit:
             self._wakeup.notify()
         return request.wait()
 
-    def record_success(self, job: Job, result_json: str, on_written: Callable[[bool], None]) -> None:
-        """Record the success of a claimed attempt in the next round, without waiting for it."""
+    def record_success(
+        self, job: Job, token: uuid.UUID, result_json: str, on_written: Callable[[bool], None]
+    ) -> None:
+        """Record the success of the attempt ``token`` claimed, in the next round, without waiting."""
         with self._wakeup:
             if self._thread is None:
                 raise RuntimeError("GroupCommit is not started")
-            self._successes.append(_Success(job, result_json, on_written))
+            self._successes.append(_Success(job, token, result_json, on_written))
             self._wakeup.notify()
 
     def _run(self) -> None:
@@ -164,7 +171,9 @@ class GroupCommit:
     def _write(self, claims: Sequence[_Claim], successes: Sequence[_Success]) -> bool:
         """One round; False if Postgres was unreachable (the claims got the error)."""
         tokens: dict[uuid.UUID, uuid.UUID] = {}
-        for claim in claims:  # of duplicate deliveries of one job, the first claims it
+        # Of duplicate deliveries of one job, the first claims it; but a claim asked again after a
+        # round whose answer was lost may already hold the job, and only its own token gets it back.
+        for claim in sorted(claims, key=lambda c: c.token not in self._in_doubt):
             tokens.setdefault(claim.job_id, claim.token)
         try:
             written = self._db.execute(
@@ -176,6 +185,7 @@ class GroupCommit:
         except StoreUnavailable as exc:
             logger.warning("database unavailable (%s); %d successes wait to be written", exc, len(successes))
             for claim in claims:
+                self._in_doubt.add(claim.token)
                 claim.resolve(error=exc)
             return False
         except Exception as exc:  # one bad item (or a bug): it must not take the round's other items along
@@ -188,13 +198,12 @@ class GroupCommit:
             return True
         self.rounds += 1
         self.writes += len(claims) + len(successes)
-        seen: set[uuid.UUID] = set()
         for claim in claims:  # first: worker threads are waiting on these
             answer = written.claims[claim.job_id]
-            if claim.job_id in seen and isinstance(answer, attempt_store.Claimed):
+            self._in_doubt.discard(claim.token)
+            if tokens[claim.job_id] != claim.token and isinstance(answer, attempt_store.Claimed):
                 # Another delivery of the same job in this round got the claim: this one sees it running.
                 answer = NotClaimable(JobStatus.RUNNING, due_later=False)
-            seen.add(claim.job_id)
             claim.resolve(answer)
         for success in successes:
             try:
@@ -209,9 +218,8 @@ class GroupCommit:
         if not success.in_doubt:
             return False
         try:
-            return (
-                self._db.read(lambda cur: attempt_store.outcome_of(cur, success.job)) is JobStatus.SUCCEEDED
-            )
+            found = self._db.read(lambda cur: attempt_store.outcome_of(cur, success.job, success.token))
+            return found is JobStatus.SUCCEEDED
         except StoreUnavailable:
             return False  # reported as discarded; the job's row is right either way
 
@@ -221,6 +229,7 @@ class GroupCommit:
             self._write([claim], [])
         for success in successes:
             if not self._write([], [success]):  # Postgres went away meanwhile: the next round retries it
+                success.in_doubt = True
                 with self._wakeup:
                     self._successes.append(success)
 

@@ -111,7 +111,7 @@ _WRITE_ROUND = Prepared(
         WHERE id = ANY(%(claims)s) AND status = ANY(%(claimable)s) AND run_at <= now()
         RETURNING {JOB_COLUMNS}
     ), refused AS (
-        SELECT wanted.id, job.status, job.run_at > now() AS due_later,
+        SELECT wanted.id, wanted.token, job.status, job.run_at > now() AS due_later,
                job.status = '{JobStatus.RUNNING.value}' AND job.claim_token = wanted.token AS mine
         FROM unnest(%(claims)s, %(tokens)s) AS wanted(id, token)
         LEFT JOIN LATERAL (SELECT status, run_at, claim_token FROM jobs WHERE jobs.id = wanted.id) AS job
@@ -120,7 +120,10 @@ _WRITE_ROUND = Prepared(
     ), reclaimed AS (
         UPDATE jobs SET lease_expires_at = now() + %(lease)s * interval '1 second'
         FROM refused
+        -- Checked again on the row itself: if the row changed while this statement waited for its
+        -- lock (the relay took the attempt over, another worker claimed it), it is no longer ours.
         WHERE refused.mine AND jobs.id = refused.id AND jobs.status = '{JobStatus.RUNNING.value}'
+              AND jobs.claim_token = refused.token
         RETURNING {_RECLAIMED_COLUMNS}
     ), answers AS (
         SELECT row_number() OVER () AS n, * FROM (
@@ -272,17 +275,18 @@ def record_failure(cur: Cursor, job: Job, error: JobError) -> bool:
     return bool(cur.rowcount == 1)
 
 
-def outcome_of(cur: Cursor, job: Job) -> JobStatus | None:
-    """The job's status if it still is at this attempt (its number and its claim's time), else None.
+def outcome_of(cur: Cursor, job: Job, token: uuid.UUID) -> JobStatus | None:
+    """The job's status if it still is at this attempt (its number, its claim's time and its claim's
+    ``token``), else None.
 
     For an outcome write whose answer was lost with its connection: asked again, its fence no longer
     matches (the first try committed and moved the job on), and this tells "written by that first try"
-    from "taken over by the relay".
+    from "taken over by the relay", whose recovery clears the token (it keeps the number and the time).
     """
     cur.execute(
-        "SELECT status FROM jobs"
-        " WHERE id = %(id)s AND attempts = %(attempt)s AND started_at = %(started_at)s",
-        _attempt(job),
+        "SELECT status FROM jobs WHERE id = %(id)s AND attempts = %(attempt)s"
+        " AND started_at = %(started_at)s AND claim_token = %(token)s",
+        {**_attempt(job), "token": token},
     )
     row = cur.fetchone()
     return None if row is None else JobStatus(row[0])
@@ -354,7 +358,7 @@ def recover_lapsed_leases(cur: Cursor, *, limit: int, retry_base: float, retry_c
                                  * interval '1 second',
                 finished_at = CASE WHEN jobs.attempts < jobs.max_attempts
                                         AND jobs.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-                lease_expires_at = NULL,
+                lease_expires_at = NULL, claim_token = NULL,
                 updated_at = now()
             FROM lapsed WHERE jobs.id = lapsed.id
             RETURNING {", ".join("jobs." + c for c in JOB_COLUMNS.split(", "))}

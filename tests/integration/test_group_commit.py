@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg2
 import pytest
 from support import pg, wait_for
 
@@ -66,7 +68,7 @@ def test_threads_share_rounds_and_every_job_succeeds(group: GroupCommit, db: Dat
             claim = group.claim(job_id, uuid.uuid4())
             assert isinstance(claim, attempt_store.Claimed)
             assert claim.job.attempts == 1
-            group.record_success(claim.job, '{"ok": true}', written.append)
+            group.record_success(claim.job, uuid.uuid4(), '{"ok": true}', written.append)
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for thread in threads:
@@ -154,7 +156,7 @@ def test_success_of_a_taken_over_attempt_is_reported_discarded(group: GroupCommi
     # The lease lapses and another attempt takes over (as the relay's recovery would).
     db.execute(lambda cur: cur.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = %s", (job_id,)))
     outcome: list[bool] = []
-    group.record_success(stale, "null", outcome.append)
+    group.record_success(stale, uuid.uuid4(), "null", outcome.append)
     wait_for(lambda: outcome, timeout=5, what="the success round")
     assert outcome == [False]
 
@@ -165,7 +167,7 @@ def test_missing_job_and_finished_job_are_told_apart(group: GroupCommit, db: Dat
     claim = group.claim(job_id, uuid.uuid4())
     assert isinstance(claim, attempt_store.Claimed)
     done: list[bool] = []
-    group.record_success(claim.job, "null", done.append)
+    group.record_success(claim.job, uuid.uuid4(), "null", done.append)
     wait_for(lambda: done == [True], timeout=5, what="the success")
     again = group.claim(job_id, uuid.uuid4())
     assert isinstance(again, attempt_store.NotClaimable)
@@ -195,7 +197,7 @@ def test_successes_wait_out_an_outage_and_claims_get_the_error(db: Database, dsn
         assert isinstance(claim, attempt_store.Claimed)
         flaky.failures = 3
         written: list[bool] = []
-        group.record_success(claim.job, "null", written.append)
+        group.record_success(claim.job, uuid.uuid4(), "null", written.append)
         wait_for(lambda: flaky.failures <= 2, timeout=5, what="the first failed round")
         with pytest.raises(StoreUnavailable):
             group.claim(second, uuid.uuid4())  # answered with the error while Postgres is "down"
@@ -212,7 +214,7 @@ def test_stop_writes_pending_successes(db: Database, dsn: str) -> None:
     claims = [group.claim(job_id, uuid.uuid4()) for job_id in ids]
     for claim in claims:
         assert isinstance(claim, attempt_store.Claimed)
-        group.record_success(claim.job, "null", lambda ok: None)
+        group.record_success(claim.job, uuid.uuid4(), "null", lambda ok: None)
     group.stop()
     assert statuses(dsn, ids) == {"succeeded": 20}
 
@@ -230,8 +232,10 @@ def test_a_success_postgres_refuses_does_not_take_its_round_along(db: Database, 
     group._write(
         [claim],
         [
-            _Success(poisoned, '{"s": "a\\u0000b"}', lambda ok: written.update({poisoned.id: ok})),
-            _Success(fine, '"done"', lambda ok: written.update({fine.id: ok})),
+            _Success(
+                poisoned, uuid.uuid4(), '{"s": "a\\u0000b"}', lambda ok: written.update({poisoned.id: ok})
+            ),
+            _Success(fine, uuid.uuid4(), '"done"', lambda ok: written.update({fine.id: ok})),
         ],
     )
     assert isinstance(claim.wait(), attempt_store.Claimed)
@@ -351,13 +355,98 @@ def test_a_success_whose_answer_was_lost_is_reported_written(db: Database, dsn: 
     group = GroupCommit(lossy, lease_seconds=30)  # type: ignore[arg-type]
     group.start()
     try:
-        claim = group.claim(job_id, uuid.uuid4())
+        token = uuid.uuid4()
+        claim = group.claim(job_id, token)
         assert isinstance(claim, attempt_store.Claimed)
         lossy.lose = 1
         written: list[bool] = []
-        group.record_success(claim.job, "null", written.append)
+        group.record_success(claim.job, token, "null", written.append)
         wait_for(lambda: written, timeout=10, what="the success to be reported")
     finally:
         group.stop()
     assert written == [True]
     assert statuses(dsn, [job_id]) == {"succeeded": 1}
+
+
+def test_a_reclaim_is_refused_if_the_attempt_changed_hands_while_it_waited(db: Database, dsn: str) -> None:
+    """The token is checked on the row the statement finally locks: the relay took the attempt over and
+    another worker claimed the job while the reclaim waited, so it is no longer this worker's."""
+    [job_id] = insert(db, 1)
+    token = uuid.uuid4()
+    assert isinstance(
+        db.execute(lambda cur: attempt_store.claim_job(cur, job_id, 30, token)), attempt_store.Claimed
+    )
+    holder = psycopg2.connect(dsn)
+    try:
+        with holder.cursor() as cur:  # the relay's takeover, not yet committed
+            cur.execute("UPDATE jobs SET status = 'retrying' WHERE id = %s", (str(job_id),))
+            answers: list[attempt_store.ClaimResult] = []
+            reclaim = threading.Thread(
+                target=lambda: answers.append(
+                    db.execute(lambda c: attempt_store.claim_job(c, job_id, 30, token))
+                )
+            )
+            reclaim.start()
+            time.sleep(0.5)  # the reclaim waits for the row
+            cur.execute(  # another worker's claim, in the same transaction for the test's sake
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = now(),"
+                " claim_token = %s WHERE id = %s",
+                (str(uuid.uuid4()), str(job_id)),
+            )
+        holder.commit()
+        reclaim.join(10)
+    finally:
+        holder.close()
+    assert answers == [attempt_store.NotClaimable(JobStatus.RUNNING, due_later=False)]
+
+
+def test_the_retried_claim_keeps_its_job_when_a_duplicate_delivery_shares_its_round(db: Database) -> None:
+    """Of two deliveries of one job in a round, the first used to be the one that claims: the retry of
+    a claim whose answer was lost, second in the round, then saw its own job as running elsewhere."""
+    [job_id] = insert(db, 1)
+    lossy = AnswerLostDatabase(db)
+    group = GroupCommit(lossy, lease_seconds=30)  # type: ignore[arg-type]  # not started: rounds by hand
+    mine = _Claim(job_id, uuid.uuid4())
+    lossy.lose = 1
+    group._write([mine], [])
+    with pytest.raises(StoreUnavailable):
+        mine.wait()
+    duplicate, again = _Claim(job_id, uuid.uuid4()), _Claim(job_id, mine.token)
+    group._write([duplicate, again], [])
+    assert isinstance(again.wait(), attempt_store.Claimed)
+    assert duplicate.wait() == attempt_store.NotClaimable(JobStatus.RUNNING, due_later=False)
+
+
+def test_a_success_written_alone_after_a_failed_round_is_not_reported_discarded(
+    db: Database, dsn: str
+) -> None:
+    """A round that fails for one item is written item by item; a success whose lone write lost its
+    answer is kept for the next round, in doubt, and reported written once found written."""
+    ids = insert(db, 2)
+    tokens = [uuid.uuid4(), uuid.uuid4()]
+    jobs = []
+    for job_id, token in zip(ids, tokens, strict=True):
+        claimed = db.execute(lambda cur, j=job_id, t=token: attempt_store.claim_job(cur, j, 30, t))
+        assert isinstance(claimed, attempt_store.Claimed)
+        jobs.append(claimed.job)
+
+    class Scripted(AnswerLostDatabase):
+        calls = 0
+
+        def execute(self, work: Callable[[Cursor], Any]) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("one bad item")  # the round is written again item by item
+            self.lose = 1 if self.calls == 2 else 0  # the first lone write commits, its answer is lost
+            return super().execute(work)
+
+    group = GroupCommit(Scripted(db), lease_seconds=30)  # type: ignore[arg-type]
+    written: list[bool] = []
+    group._write(
+        [], [_Success(job, token, "null", written.append) for job, token in zip(jobs, tokens, strict=True)]
+    )
+    assert written == [True], "the second success, written alone"
+    assert len(group._successes) == 1, "the first is kept for the next round"
+    group._write([], group._successes)
+    assert written == [True, True]
+    assert statuses(dsn, ids) == {"succeeded": 2}

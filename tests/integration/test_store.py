@@ -497,3 +497,20 @@ def test_after_a_postgres_restart_the_pool_drops_every_dead_connection(
         assert db.run(lambda cur: (cur.execute("SELECT 1"), cur.fetchone())[1]) == (1,)
     finally:
         db.close()
+
+
+def test_an_attempt_the_relay_took_over_is_not_taken_for_the_workers_own_outcome(db: Database) -> None:
+    """The relay's recovery keeps the attempt's number and time; the worker asking whether its lost
+    write happened must not take the relay's 'failed' (WorkerLost) for its own."""
+    job_id = insert(db, max_attempts=1)
+    token = uuid.uuid4()
+    claimed = db.execute(lambda cur: attempt_store.claim_job(cur, job_id, 30, token))
+    assert isinstance(claimed, attempt_store.Claimed)
+    assert db.execute(lambda cur: attempt_store.outcome_of(cur, claimed.job, token)) is JobStatus.RUNNING
+    lapse = "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s"
+    db.execute(lambda cur: cur.execute(lapse, (str(job_id),)))
+    [recovered] = db.execute(
+        lambda cur: attempt_store.recover_lapsed_leases(cur, limit=10, retry_base=1, retry_cap=1)
+    )
+    assert recovered.status is JobStatus.FAILED
+    assert db.execute(lambda cur: attempt_store.outcome_of(cur, claimed.job, token)) is None
