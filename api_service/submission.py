@@ -26,7 +26,7 @@ from shared.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from shared.jobs import Job, NewJob
+from shared.jobs import RETRYABLE_BY_OPERATOR, Job, NewJob
 from shared.messages import Dispatch
 from shared.store import Database
 from shared.store import idempotency as key_store
@@ -119,21 +119,39 @@ def retry_job(
 
     A tenant's retry makes a job active again, as a submission does, and is limited like one: by the
     cap on active jobs and by a token from the submission rate (without it, retrying failed or
-    cancelled jobs was a way around the rate). A refused token rolls the requeue back. An admin
-    (``tenant`` None) acts for the operator and is not limited.
+    cancelled jobs was a way around the rate). An admin (``tenant`` None) acts for the operator and is
+    not limited. Locks are taken in a submission's order, the tenant's rate bucket before its
+    active-job count (the requeue's trigger): the other order deadlocked against a concurrent
+    submission of the tenant. A job that cannot move gives its token back (the transaction rolls back).
     """
 
     def requeue(cur: Cursor) -> tuple[bool, Job | None, RateDecision | None]:
-        cap = None if tenant is None else limits.max_active_jobs
-        moved, job = job_store.retry_job(cur, job_id, tenant, cap)
-        if not moved or tenant is None:
+        if tenant is None:
+            moved, job = job_store.retry_job(cur, job_id, None, None)
             return moved, job, None
+        job = job_store.get_job(cur, job_id, tenant)
+        if job is None or job.status not in RETRYABLE_BY_OPERATOR:
+            return False, job, None  # 404 or 409, whatever the tenant's rate
         rate = tenant_store.take_submission_token(cur, tenant, limits, 1)
         if not rate.allowed:
             raise _rate_limited(tenant, limits, rate, 1)
+        moved, job = job_store.retry_job(cur, job_id, tenant, limits.max_active_jobs)
+        if not moved:
+            raise _NotMoved(job)  # at the cap, or retried meanwhile: the token goes back
         return moved, job, rate
 
-    return svc.db.run(requeue)
+    try:
+        return svc.db.run(requeue)
+    except _NotMoved as refused:
+        return False, refused.job, None
+
+
+class _NotMoved(Exception):
+    """Rolls a tenant's retry back, its token with it."""
+
+    def __init__(self, job: Job | None) -> None:
+        super().__init__("the job did not move")
+        self.job = job
 
 
 def _rate_limited(tenant: str, limits: TenantLimits, rate: RateDecision, jobs: int) -> RateLimited:

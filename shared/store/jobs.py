@@ -491,9 +491,10 @@ def ensure_dispatch(cur: Cursor, job_id: uuid.UUID) -> bool:
 
     For a job whose only message RabbitMQ dead-lettered before any worker claimed it (a quorum queue's
     delivery limit, a message TTL): without this the job would wait forever. A row some publisher holds
-    (``locked_until`` ahead: the API in its grace period, a relay in its round) does not count: its
-    message may be the very one that was dead-lettered, published and confirmed, its row about to be
-    deleted. A second message is harmless (the claim runs the job once); none would strand the job.
+    does not count: ``locked_until`` ahead (the API in its grace period) or locked by a relay's round
+    (``FOR UPDATE``, skipped here). Its message may be the very one that was dead-lettered, published
+    and confirmed, its row about to be deleted. A second message is harmless (the claim runs the job
+    once); none would strand the job.
     """
     cur.execute(
         """
@@ -501,7 +502,8 @@ def ensure_dispatch(cur: Cursor, job_id: uuid.UUID) -> bool:
         SELECT id, run_at FROM jobs
         WHERE id = %(id)s AND status IN (%(queued)s, %(retrying)s)
           AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.job_id = jobs.id
-                          AND (outbox.locked_until IS NULL OR outbox.locked_until <= now()))
+                          AND (outbox.locked_until IS NULL OR outbox.locked_until <= now())
+                          FOR KEY SHARE SKIP LOCKED)
         """,
         {"id": job_id, "queued": JobStatus.QUEUED.value, "retrying": JobStatus.RETRYING.value},
     )

@@ -453,3 +453,53 @@ def test_responses_are_valid_against_the_document_under_openapi_30_semantics(cli
         "/v1/jobs/batch", json={"jobs": [{"type": "noop", "delay_seconds": 3600}, {"type": "?"}]}
     )
     assert errors("JobBatchResult", batch.get_json()) == []
+
+
+def test_a_tenants_retry_locks_in_a_submissions_order(app: Flask, keys: Keys, dsn: str) -> None:
+    """Rate bucket first, then the job (and the active-job count its requeue updates), as a submission
+    does: the other order deadlocked against a concurrent submission of the same tenant (a 503)."""
+    import threading
+    import time
+
+    import psycopg2
+
+    from api_service.submission import retry_job
+    from shared.jobs import NewJob
+    from shared.store import jobs as job_store
+    from shared.store.tenants import TenantLimits
+
+    svc = services_of(app)
+    tenant, job_id = "tests", uuid.uuid4()
+    new = NewJob("noop", "default", {}, 5, 3, 60, None, 3600.0, {})
+    svc.db.run(
+        lambda cur: job_store.insert_job(
+            cur, job_id, tenant, new, max_active_jobs=10**6, outbox_grace_seconds=0
+        )
+    )
+    svc.db.run(lambda cur: job_store.cancel_job(cur, job_id, tenant))
+    limits = TenantLimits(max_active_jobs=10**6, submit_rate_per_second=1000.0, submit_burst=1000)
+    holder, probe = psycopg2.connect(dsn), psycopg2.connect(dsn)
+    try:
+        with holder.cursor() as cur:  # a submission of the tenant, holding its bucket
+            cur.execute(
+                "INSERT INTO rate_buckets (tenant, tokens, refilled_at, allowed)"
+                " VALUES (%s, 1000, now(), true) ON CONFLICT (tenant) DO UPDATE SET refilled_at = now()",
+                (tenant,),
+            )
+            outcome: list[Any] = []
+            retry = threading.Thread(target=lambda: outcome.append(retry_job(svc, job_id, tenant, limits)))
+            retry.start()
+            time.sleep(0.5)  # the retry waits for the bucket...
+            with probe.cursor() as other:  # ...and holds nothing of the job meanwhile
+                other.execute("SELECT status FROM jobs WHERE id = %s FOR UPDATE NOWAIT", (str(job_id),))
+                assert other.fetchone() == ("cancelled",)
+            probe.rollback()
+        holder.commit()
+        retry.join(10)
+    finally:
+        holder.close()
+        probe.close()
+    [(moved, job, rate)] = outcome
+    assert moved
+    assert job.status.value == "queued"
+    assert rate is not None

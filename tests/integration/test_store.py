@@ -396,6 +396,26 @@ def test_a_row_a_publisher_holds_does_not_count_as_the_new_message(db: Database,
         assert cur.fetchone() == (1,), "the job still has a message to come"
 
 
+def test_a_row_a_relay_is_publishing_does_not_count_as_the_new_message(db: Database, dsn: str) -> None:
+    """The relay holds the rows of its round with FOR UPDATE (no locked_until), publishes them and
+    deletes them when RabbitMQ confirms: the row it holds may be the dead message's own."""
+    job_id = insert(db)
+    relay = psycopg2.connect(dsn)
+    try:
+        with relay.cursor() as cur:
+            cur.execute("SELECT id FROM outbox WHERE job_id = %s FOR UPDATE", (str(job_id),))
+            assert cur.fetchone() is not None
+            assert db.execute(lambda c: job_store.ensure_dispatch(c, job_id))
+            held = "SELECT min(id) FROM outbox WHERE job_id = %s"
+            cur.execute(f"DELETE FROM outbox WHERE id = ({held})", (str(job_id),))  # confirmed
+        relay.commit()
+    finally:
+        relay.close()
+    with pg(dsn) as cur:
+        cur.execute("SELECT count(*) FROM outbox WHERE job_id = %s", (str(job_id),))
+        assert cur.fetchone() == (1,), "the job still has a message to come"
+
+
 def active_counts(dsn: str) -> tuple[int, int]:
     """The tenant's active jobs: (the count the triggers keep, a recount of the rows)."""
     with pg(dsn) as cur:
