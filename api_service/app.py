@@ -157,8 +157,8 @@ def _check_query_parameters() -> None:
     """422 for a query parameter on a /v1 operation that declares none (those that declare some refuse
     unknown ones in their own schema), and for one that takes a single value given more than once
     (webargs kept the first). A misspelt or repeated option must not be silently ignored."""
-    if not request.args or not request.path.startswith("/v1/"):
-        return
+    if not request.args or not request.path.startswith("/v1/") or request.endpoint is None:
+        return  # no operation (404, 405): nothing to check its parameters against
     schemas = _declared_arguments().get("query")
     if schemas is None:
         errors = [{"parameter": name, "detail": "Unknown parameter."} for name in sorted(set(request.args))]

@@ -107,7 +107,7 @@ class JobBatch(MethodView):
             raise IdempotencyKeyInvalid(
                 "A batch takes no Idempotency-Key header: give each job its own idempotency_key."
             )
-        raw_items = _items(json_body.parse(request.get_data(cache=True)))
+        raw_items = _items(json_body.request_json())
         svc = services()
         results: dict[int, dict[str, Any]] = {}
         valid: list[BatchItem] = []

@@ -10,6 +10,7 @@ from typing import Any
 from flask import Response, request, url_for
 from flask.views import MethodView
 
+from api_service import json_body
 from api_service.auth import current_limits, current_principal, requires, visible_tenant
 from api_service.context import services
 from api_service.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -50,7 +51,7 @@ blp = Blueprint(
 MAX_POLL_HINT_SECONDS = 60
 
 #: The problems every operation on one job can give.
-#: A validation-error: an unknown query parameter (``app._refuse_unknown_query_parameters``).
+#: A validation-error: an unknown or repeated query parameter (``app._check_query_parameters``).
 _ONE_JOB_PROBLEMS = (*AUTHENTICATED, "job-not-found", NOT_FOUND, "validation-error")
 
 
@@ -89,7 +90,9 @@ class Jobs(MethodView):
             raise invalid(pointer="/payload", detail=too_large)
         idempotent = None
         if key is not None:
-            idempotent = IdempotentRequest(key, fingerprint(request.method, request.path, request.get_json()))
+            idempotent = IdempotentRequest(
+                key, fingerprint(request.method, request.path, json_body.request_json())
+            )
         principal, limits = current_principal(), current_limits()
         with counting_submission_refusals():
             submission = submit_job(

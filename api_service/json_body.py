@@ -1,6 +1,7 @@
 """Reading a JSON request body: one parser for every operation, and a nesting check that never recurses.
 
-Every body is read the same way: as UTF-8 (RFC 8259), then ``json.loads`` on the text. Flask's own
+Every body is read the same way, once per request (``request_json``): as UTF-8 (RFC 8259; a leading
+byte order mark is ignored), then ``json.loads`` on the text. Flask's own
 ``get_json`` hands bytes to ``json.loads``, which also takes UTF-16 and UTF-32; the checks that run
 before parsing (nesting depth, unpaired surrogates) read the bytes as UTF-8 text, so a body in another
 encoding would have slipped past them. Whatever the parser refuses is a 400 ``malformed-json``,
@@ -15,7 +16,7 @@ import re
 from typing import Any
 
 import flask_smorest
-from flask import Request
+from flask import Request, g, request
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
@@ -40,10 +41,18 @@ def depth(body: bytes) -> int:
     return deepest
 
 
+def request_json() -> Any:
+    """The JSON value of this request's body, parsed once (the arguments parser, the batch view and the
+    idempotency fingerprint all read it)."""
+    if "json_body" not in g:
+        g.json_body = parse(request.get_data(cache=True))
+    return g.json_body
+
+
 def parse(body: bytes) -> Any:
     """The JSON value of a request body, or a 400 ``malformed-json`` problem that says why not."""
     try:
-        text = body.decode("utf-8")
+        text = body.decode("utf-8").removeprefix("\ufeff")  # RFC 8259 lets a parser ignore a BOM
     except UnicodeDecodeError:
         raise Problem("malformed-json", "The request body is not UTF-8 text; send JSON in UTF-8.") from None
     try:
@@ -64,7 +73,7 @@ class Parser(FlaskParser):
     def _raw_load_json(self, req: Request) -> Any:
         if not is_json_request(req):
             return core.missing
-        return parse(req.get_data(cache=True))
+        return request_json()
 
 
 class Blueprint(flask_smorest.Blueprint):  # type: ignore[misc]

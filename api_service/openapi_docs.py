@@ -11,8 +11,9 @@ schemas instead of anonymous ones, and constraints only where the API really enf
 - Python regular expressions become ECMA 262 ones (``^...$``), as OpenAPI requires;
 - a ``Dict`` field's length limit is a number of properties, not a string length;
 - ``JobStatus`` is one named enum wherever a status appears;
-- a nullable nested object is ``{"allOf": [ref], "nullable": true}``, which generators read as
-  "that model or null" (apispec's default is an ``anyOf`` with an untyped object).
+- a nullable nested object is ``{"anyOf": [ref, NULL_ONLY]}``: that model, or null and nothing else
+  (``allOf`` + ``nullable`` refused null under OpenAPI 3.0.3's strict reading; apispec's default is an
+  ``anyOf`` with an untyped object).
 
 Examples of requests and responses live in ``openapi_examples``. The snapshot of the document is
 ``openapi.json`` at the top of the repository (``make openapi``).

@@ -110,7 +110,9 @@ class ResponseSchema(ma.Schema):
 
 #: RFC 3339's date-time (what the document's `format: date-time` means): T and Z in either case, seconds
 #: required, an offset with a colon.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})\Z")
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:[Zz]|[+-][0-9]{2}:[0-9]{2})\Z"
+)  # ASCII digits: \d matches any script's
 RFC3339_MESSAGE = (
     "Not an RFC 3339 date-time: write it like 2026-11-30T09:00:00Z or 2026-11-30T10:00:00+01:00 "
     "(in a query string, encode + as %2B)."

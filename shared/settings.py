@@ -382,10 +382,24 @@ def _check_dsn(dsn: str) -> None:
         ) from None
 
 
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
 def _redact(url: str) -> str:
-    """The connection string with any password replaced by ***: in a URL's authority or its
-    ``password=`` parameter, or in a libpq keyword/value string, which psycopg2 accepts as well."""
-    if "://" not in url:
+    """The connection string with any password replaced by ***: the one libpq reads in it (a
+    ``postgresql://`` URL or ``key=value`` pairs, as psycopg2 takes them), else a URL's userinfo
+    password or ``password=`` parameter (the AMQP URL)."""
+    secret = _libpq_password(url)
+    if secret:
+        masked = url
+        for form in dict.fromkeys(
+            (secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret, safe=":"),
+             urllib.parse.quote(secret))
+        ):  # fmt: skip
+            masked = masked.replace(form, "***")
+        if masked != url:
+            return masked
+    if not _SCHEME.match(url):
         return _KEYWORD_PASSWORD.sub(r"\1***", url)
     url = _URL_PASSWORD.sub(r"\1***@", url, count=1)
     parts = urllib.parse.urlsplit(url)
@@ -396,6 +410,17 @@ def _redact(url: str) -> str:
         for name in [pair.split("=", 1)[0]]
     )
     return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _libpq_password(dsn: str) -> str | None:
+    """The password libpq would use from ``dsn``; None if there is none or libpq cannot read it."""
+    import psycopg2.extensions
+
+    try:
+        password = psycopg2.extensions.parse_dsn(dsn).get("password")
+    except psycopg2.ProgrammingError:
+        return None
+    return password or None
 
 
 @lru_cache(maxsize=1)

@@ -277,6 +277,8 @@ def test_unknown_job_is_404(client: FlaskClient) -> None:
 def test_unknown_route_is_a_plain_problem(client: FlaskClient) -> None:
     response = client.get("/v1/nothing-here")
     assert response.status_code == 404
+    assert client.get("/v1/nothing-here?x=1").status_code == 404, "not a 422 for its query"
+    assert client.delete("/v1/jobs?x=1").status_code == 405
     assert response.mimetype == PROBLEM
     assert response.get_json()["type"] == "about:blank"
 

@@ -60,3 +60,8 @@ def test_parse_refuses_with_malformed_json(body: bytes, detail: str) -> None:
 
 def test_parse_reads_utf8() -> None:
     assert parse('{"ü": [1, 2.5, "\\ud83d\\ude00"]}'.encode()) == {"ü": [1, 2.5, "😀"]}
+
+
+def test_parse_ignores_a_byte_order_mark() -> None:
+    """RFC 8259 lets a parser ignore one; refused, the client got Python's 'decode using utf-8-sig'."""
+    assert parse('\ufeff{"a": 1}'.encode()) == {"a": 1}

@@ -135,6 +135,14 @@ def test_redaction_handles_a_password_with_reserved_characters() -> None:
         ("postgresql://app:hunt?er2@db/x", "postgresql://app:***@db/x"),
         ("postgresql://app:s3cret@[::1]:5432/x", "postgresql://app:***@[::1]:5432/x"),
         ("postgresql://[::1]:5432/x?application_name=a@b", "postgresql://[::1]:5432/x?application_name=a@b"),
+        (
+            "host=db dbname=x options=-ch=http://z password=secret",
+            "host=db dbname=x options=-ch=http://z password=***",
+        ),
+        (
+            "postgresql://u:pw@host:5432?sslmode=require&application_name=a@b",
+            "postgresql://u:***@host:5432?sslmode=require&application_name=a@b",
+        ),
     ],
 )
 def test_redaction_covers_every_form_psycopg2_takes(dsn: str, shown: str) -> None:
