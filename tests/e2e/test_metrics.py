@@ -12,7 +12,7 @@ import pytest
 import requests
 from conftest import Keys
 from prometheus_client.parser import text_string_to_metric_families
-from support import DEFAULT_QUEUE, ROOT, ApiClient, ServiceProcess, free_port, queue_counts, wait_for
+from support import DEFAULT_QUEUE, ROOT, ApiClient, ServiceProcess, free_port, pg, queue_counts, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -72,14 +72,24 @@ def counters(url: str, job_type: str, error_type: str = DEMO_FAILURE) -> dict[st
     }
 
 
-def quiet_counters(url: str) -> dict[str, float]:
-    """The counters once no demo.sleep job is in progress (earlier tests may leave some in flight)."""
+def quiet_counters(url: str, dsn: str) -> dict[str, float]:
+    """The counters once no other demo.sleep job is running or about to start: earlier tests may leave
+    some in flight, or due soon (a retry's backoff), and any of them would move the counters too."""
+
+    def others() -> int:
+        with pg(dsn) as cur:
+            cur.execute(
+                "SELECT count(*) FROM jobs WHERE type = 'demo.sleep'"
+                " AND status IN ('queued', 'running', 'retrying') AND run_at < now() + interval '1 minute'"
+            )
+            row = cur.fetchone()
+        return int(row[0]) if row else 0
 
     def quiet() -> dict[str, float] | None:
         now = counters(url, "demo.sleep")
-        return now if now["in_progress"] == 0 else None
+        return now if now["in_progress"] == 0 and others() == 0 else None
 
-    return wait_for(quiet, timeout=30, interval=0.2, what="no demo.sleep job in progress")
+    return wait_for(quiet, timeout=60, interval=0.2, what="no other demo.sleep job running or due")
 
 
 def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -99,9 +109,14 @@ def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     ids=["success", "retry-then-success", "failure-dead-lettered"],
 )  # fmt: skip
 def test_worker_counters_move_by_exactly_the_right_amount(
-    conveyor: ApiClient, worker_metrics: str, body: dict[str, object], final: str, expected: dict[str, float]
+    conveyor: ApiClient,
+    worker_metrics: str,
+    dsn: str,
+    body: dict[str, object],
+    final: str,
+    expected: dict[str, float],
 ) -> None:
-    before = quiet_counters(worker_metrics)
+    before = quiet_counters(worker_metrics, dsn)
     job_id = conveyor.submit(body).json()["id"]
     conveyor.wait_status(job_id, final)
 
@@ -109,7 +124,12 @@ def test_worker_counters_move_by_exactly_the_right_amount(
         now = counters(worker_metrics, "demo.sleep")
         return now if moved(before, now) == expected else None
 
-    after = wait_for(settled, timeout=5, what=f"counters to move by {expected}")
+    try:
+        after = wait_for(settled, timeout=5, what=f"counters to move by {expected}")
+    except AssertionError as timed_out:
+        raise AssertionError(
+            f"{timed_out}; moved: {moved(before, counters(worker_metrics, 'demo.sleep'))}"
+        ) from None
     assert after["in_progress"] == before["in_progress"], "the gauge is back where it was"
     assert moved(before, after) == expected
 
