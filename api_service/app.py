@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import marshmallow as ma
@@ -163,10 +164,7 @@ def _check_query_parameters() -> None:
     if schemas is None:
         errors = [{"parameter": name, "detail": "Unknown parameter."} for name in sorted(set(request.args))]
     else:
-        single = {
-            field.data_key or name for schema in schemas for name, field in _instance(schema).fields.items()
-            if not isinstance(field, ma.fields.List)
-        }  # fmt: skip
+        single = frozenset().union(*map(_single_valued, schemas))
         errors = [
             {"parameter": name, "detail": "Give this parameter once; it takes one value."}
             for name in sorted(single) if len(request.args.getlist(name)) > 1
@@ -175,8 +173,12 @@ def _check_query_parameters() -> None:
         raise Problem("validation-error", "The request is invalid; see `errors`.", errors=errors)
 
 
-def _instance(schema: ma.Schema | type[ma.Schema]) -> ma.Schema:
-    return schema() if isinstance(schema, type) else schema
+@functools.cache
+def _single_valued(schema: ma.Schema | type[ma.Schema]) -> frozenset[str]:
+    """The query parameters of ``schema`` that take one value (worked out once per schema, not on
+    every request)."""
+    fields = (schema() if isinstance(schema, type) else schema).fields
+    return frozenset(f.data_key or name for name, f in fields.items() if not isinstance(f, ma.fields.List))
 
 
 def _declared_arguments() -> dict[str, list[ma.Schema | type[ma.Schema]]]:

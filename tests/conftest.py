@@ -28,7 +28,7 @@ from support import (
     amqp_channel,
     free_port,
     pg,
-    wait_for,
+    wait_for_http,
     written_rows,
 )
 
@@ -211,18 +211,7 @@ def service_env(database: str, rabbitmq: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def api_process(service_env: dict[str, str], settings: Settings) -> Iterator[ServiceProcess]:
     proc = ServiceProcess("api", service_env).start()
-    base = f"http://{settings.api_bind}"
-
-    def healthy() -> bool:
-        import requests
-
-        try:
-            return requests.get(f"{base}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            assert proc.running, f"the API exited:\n{proc.log_text()[-3000:]}"
-            return False
-
-    wait_for(healthy, timeout=30, interval=0.2, what="the API to answer /healthz")
+    wait_for_http(proc, f"http://{settings.api_bind}/healthz", what="the API to answer /healthz")
     yield proc
     proc.stop()
 

@@ -24,6 +24,8 @@ import pika
 import psycopg2
 import requests
 
+from shared.errors import StoreUnavailable
+
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +61,37 @@ def wait_for(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+class AnswerLostDatabase:
+    """A real ``Database`` whose next ``lose`` statements commit but lose their answer, as psycopg2
+    reports a connection that broke after COMMIT. Everything else goes to the database itself."""
+
+    def __init__(self, db: Any, lose: int = 0) -> None:
+        self.db, self.lose = db, lose
+
+    def execute(self, work: Callable[[Any], T]) -> T:
+        result: T = self.db.execute(work)
+        if self.lose > 0:
+            self.lose -= 1
+            raise StoreUnavailable("OperationalError: server closed the connection unexpectedly (simulated)")
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+def wait_for_http(proc: ServiceProcess, url: str, *, what: str, timeout: float = 30) -> None:
+    """Wait until ``url`` answers 200, failing at once (with its log) if ``proc`` exits meanwhile."""
+
+    def answering() -> bool:
+        try:
+            return requests.get(url, timeout=2).status_code == 200
+        except requests.ConnectionError:
+            assert proc.running, f"{proc.command} exited:\n{proc.log_text()[-3000:]}"
+            return False
+
+    wait_for(answering, timeout=timeout, interval=0.2, what=what)
 
 
 class ServiceProcess:

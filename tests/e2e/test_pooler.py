@@ -20,9 +20,8 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-import requests
 from conftest import Keys
-from support import ApiClient, ServiceProcess, free_port, wait_for
+from support import ApiClient, ServiceProcess, free_port, wait_for, wait_for_http
 
 from shared.errors import StoreUnavailable
 from shared.settings import Settings
@@ -128,15 +127,7 @@ def pooled_services(
     api.start()
     worker.start_worker(broker_url)
     client = ApiClient(f"http://127.0.0.1:{port}", keys.writer)
-
-    def healthy() -> bool:
-        try:
-            return client.session.get(f"{client.base_url}/readyz", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            assert api.running, api.log_text()[-2000:]
-            return False
-
-    wait_for(healthy, timeout=30, interval=0.2, what="the pooled API")
+    wait_for_http(api, f"{client.base_url}/readyz", what="the pooled API")
     try:
         yield client
     finally:

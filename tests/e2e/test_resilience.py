@@ -11,9 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from conftest import TEST_TENANT, Keys
-from support import DEFAULT_QUEUE, ApiClient, ServiceProcess, pg, queue_counts, rabbitmqctl, wait_for
+from support import (
+    DEFAULT_QUEUE,
+    ApiClient,
+    ServiceProcess,
+    pg,
+    queue_counts,
+    rabbitmqctl,
+    wait_for,
+    wait_for_http,
+)
 
 from shared.broker import Publisher, create_broker
 from shared.jobs import NewJob
@@ -77,15 +85,7 @@ def api_without_broker(service_env: dict[str, str], keys: Keys) -> Iterator[ApiC
     proc.log_path = proc.log_path.with_name("api-without-broker.log")
     proc.start()
     client = ApiClient(f"http://127.0.0.1:{port}", keys.writer)
-
-    def healthy() -> bool:
-        try:
-            return client.session.get(f"{client.base_url}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            assert proc.running, proc.log_text()[-2000:]
-            return False
-
-    wait_for(healthy, timeout=30, interval=0.2, what="the broker-less API")
+    wait_for_http(proc, f"{client.base_url}/healthz", what="the broker-less API")
     yield client
     proc.stop()
 

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import pg, wait_for
+from support import AnswerLostDatabase, pg, wait_for
 
-from shared.errors import StoreUnavailable
 from shared.job_types import REGISTRY
 from shared.jobs import NewJob
 from shared.settings import Settings
@@ -135,21 +134,6 @@ def test_progress_text_postgres_cannot_store_is_kept_readably(
         assert cur.fetchone() == ("bad\\u0000name \\udc80",)
 
 
-class AnswerLostDatabase:
-    """The real database, whose first statement commits but whose answer is lost with the connection
-    (what psycopg2 reports when the connection breaks after COMMIT)."""
-
-    def __init__(self, db: Database) -> None:
-        self.db, self.lose = db, 1
-
-    def execute(self, work: Any) -> Any:
-        result = self.db.execute(work)
-        if self.lose:
-            self.lose -= 1
-            raise StoreUnavailable("OperationalError: server closed the connection unexpectedly (simulated)")
-        return result
-
-
 def test_a_claim_whose_answer_was_lost_still_runs_its_job_once(
     settings: Settings, db: Database, dsn: str
 ) -> None:
@@ -157,7 +141,7 @@ def test_a_claim_whose_answer_was_lost_still_runs_its_job_once(
     not skip it as running elsewhere (the job then sat out its lease and lost an attempt; with one
     attempt it failed without ever running)."""
     job_id = insert(db)
-    group, deadlines = GroupCommit(AnswerLostDatabase(db), lease_seconds=30), DeadlineMonitor()  # type: ignore[arg-type]
+    group, deadlines = GroupCommit(AnswerLostDatabase(db, lose=1), lease_seconds=30), DeadlineMonitor()  # type: ignore[arg-type]
     group.start()
     deadlines.start()
     runs: list[int] = []
@@ -172,24 +156,6 @@ def test_a_claim_whose_answer_was_lost_still_runs_its_job_once(
     with pg(dsn) as cur:
         cur.execute("SELECT attempts FROM jobs WHERE id = %s", (str(job_id),))
         assert cur.fetchone() == (1,)
-
-
-class LosesOutcomeAnswer:
-    """The real database, whose first outcome statement (not the group commit's) commits and loses its
-    answer."""
-
-    def __init__(self, db: Database) -> None:
-        self.db, self.lose = db, 1
-
-    def execute(self, work: Any) -> Any:
-        result = self.db.execute(work)
-        if self.lose:
-            self.lose -= 1
-            raise StoreUnavailable("OperationalError: server closed the connection unexpectedly (simulated)")
-        return result
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.db, name)
 
 
 def test_a_final_failure_whose_answer_was_lost_still_dead_letters_its_message(
@@ -207,7 +173,7 @@ def test_a_final_failure_whose_answer_was_lost_still_dead_letters_its_message(
         raise FatalJobError("no")
 
     try:
-        executor = Executor(settings, LosesOutcomeAnswer(db), group, LeaseKeeper(db, 30), deadlines)  # type: ignore[arg-type]
+        executor = Executor(settings, AnswerLostDatabase(db, lose=1), group, LeaseKeeper(db, 30), deadlines)  # type: ignore[arg-type]
         executor.execute(REGISTRY["noop"], fatal, message)
     finally:
         deadlines.stop()

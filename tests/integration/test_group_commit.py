@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from support import pg, wait_for
+from support import AnswerLostDatabase, pg, wait_for
 
 from shared.errors import StoreUnavailable
 from shared.jobs import JobStatus, NewJob
@@ -328,23 +328,6 @@ def test_a_round_answers_claims_reclaims_and_refusals_together(db: Database, dsn
         attempt_store.JobStatus.SUCCEEDED, due_later=False
     )
     assert statuses(dsn, [ours, queued]) == {"running": 2}
-
-
-class AnswerLostDatabase:
-    """The real database; the next ``lose`` statements commit, but their answers are lost."""
-
-    def __init__(self, db: Database) -> None:
-        self.db, self.lose = db, 0
-
-    def execute(self, work: Callable[[Cursor], Any]) -> Any:
-        result = self.db.execute(work)
-        if self.lose > 0:
-            self.lose -= 1
-            raise StoreUnavailable("OperationalError: server closed the connection unexpectedly (simulated)")
-        return result
-
-    def read(self, work: Callable[[Cursor], Any]) -> Any:
-        return self.db.read(work)
 
 
 def test_a_success_whose_answer_was_lost_is_reported_written(db: Database, dsn: str) -> None:
