@@ -161,7 +161,7 @@ class Subjects:
     def unfinished(self) -> int:
         """Jobs still waiting or running: read from the small partial index of active jobs, so polling
         it costs Postgres next to nothing even with a million finished jobs in the table."""
-        active = "SELECT count(*) FROM jobs WHERE status IN ('queued', 'retrying', 'running')"
+        active = "SELECT count(*) FROM jobs WHERE finished_at IS NULL"
         return int(scalar(self.run.dsn, active))
 
     # --- raw dramatiq and Celery ---------------------------------------------------------------

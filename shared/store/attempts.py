@@ -80,7 +80,9 @@ _REFUSED_AT = 1 + len(JOB_COLUMNS.split(", "))
 #: row, that array cost the worker more to parse than the rest of the result. The successes are joined
 #: to ``jobs`` by id alone, so each is one primary-key probe: with ``jobs.id = ANY(done)`` as well,
 #: Postgres read every running job's entry in ``jobs_running_by_lease`` whenever its statistics counted
-#: few running jobs (tests/integration/test_store_plans.py).
+#: few running jobs. Nor may a partial index of ``jobs`` have a status predicate (migration 0010): the
+#: ``status`` conditions here then led Postgres into reading the whole backlog's entries in the index of
+#: active jobs (tests/integration/test_store_plans.py).
 #:
 #: Refused claims are explained by the same statement, never by a second one: the claims commit with
 #: it, and a second statement that failed (a dropped connection) would have reported claims that did
@@ -343,7 +345,7 @@ def recover_lapsed_leases(cur: Cursor, *, limit: int, retry_base: float, retry_c
         f"""
         WITH lapsed AS (
             SELECT id FROM jobs
-            WHERE status = %(running)s AND lease_expires_at < now()
+            WHERE lease_expires_at < now() AND status = %(running)s  -- jobs_running_by_lease
             ORDER BY lease_expires_at
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED

@@ -522,7 +522,8 @@ class QueueCounts:
 
 
 def queue_counts(cur: Cursor) -> dict[str, QueueCounts]:
-    """Per queue, what waits, what is delayed and what runs (from the active-jobs index)."""
+    """Per queue, what waits, what is delayed and what runs (from the active-jobs index, whose predicate
+    is ``finished_at IS NULL``: migration 0010)."""
     cur.execute(
         """
         SELECT queue,
@@ -532,7 +533,7 @@ def queue_counts(cur: Cursor) -> dict[str, QueueCounts]:
                COALESCE(EXTRACT(EPOCH FROM now() - min(run_at)
                                 FILTER (WHERE status <> %(running)s AND run_at <= now())), 0)
         FROM jobs
-        WHERE status IN (%(queued)s, %(retrying)s, %(running)s)
+        WHERE finished_at IS NULL AND status IN (%(queued)s, %(retrying)s, %(running)s)
         GROUP BY queue
         """,
         {
