@@ -11,14 +11,20 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies first (constraints.txt pins them), so a code change does not reinstall them.
-COPY pyproject.toml constraints.txt README.md ./
+# Dependencies first: pyproject.toml's list, pinned by constraints.txt. This layer depends on those two
+# files only, so a change to the code alone reuses it and reinstalls no dependency.
+COPY pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --constraint constraints.txt --requirement /tmp/requirements.txt
+COPY README.md ./
 COPY shared ./shared
 COPY api_service ./api_service
 COPY worker_service ./worker_service
-# A regular (not editable) install: the code ends up in the venv's site-packages, compiled to .pyc,
-# so the runtime image needs neither /src nor a writable file system.
-RUN /opt/venv/bin/pip install --no-cache-dir --constraint constraints.txt .
+# Then Conveyor itself, without dependencies (all installed above). A regular (not editable) install:
+# the code ends up in the venv's site-packages, compiled to .pyc, so the runtime image needs neither
+# /src nor a writable file system.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 # --- runtime: the venv on a clean base, as an unprivileged numeric user -----------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -32,9 +38,14 @@ RUN groupadd --system --gid 10001 conveyor \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin conveyor
 COPY --from=build /opt/venv /opt/venv
+# SSL_CERT_FILE / SSL_CERT_DIR: psycopg2-binary bundles its own OpenSSL, whose default CA path does not
+# exist in this image, so with `sslrootcert=system` no server certificate could be verified. These
+# point it at the CA store of the ca-certificates package, which the python:*-slim base installs.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+    SSL_CERT_DIR=/etc/ssl/certs \
     CONVEYOR_API_BIND=0.0.0.0:8000 \
     CONVEYOR_WORKER_HEARTBEAT_FILE=/tmp/conveyor-worker-heartbeat
 # An empty, read-only working directory: `python -m` puts it first on sys.path.

@@ -59,7 +59,10 @@ class DeadLetterSchema(ResponseSchema):
     message = fields.String(
         allow_none=True,
         required=True,
-        metadata={"description": "The raw message, for one that names no job."},
+        metadata={
+            "description": "For a message that names no job: its first 16 KiB (`base64:...` if they "
+            "are not UTF-8), followed by `... [N more bytes not kept]` if it was longer."
+        },
     )
     dead_at = UtcDateTime(required=True)
 

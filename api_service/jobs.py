@@ -237,11 +237,12 @@ class RetryJob(MethodView):
         the old message is still somewhere: the worker only runs a job it can claim.
         """
         tenant, limits = _own_tenant(), current_limits()
-        moved, job, rate = retry_job(services(), job_id, tenant, limits)
+        with counting_submission_refusals():  # limited like a submission, so counted like one
+            moved, job, rate = retry_job(services(), job_id, tenant, limits)
+            if not moved and job is not None and tenant is not None and job.status in RETRYABLE_BY_OPERATOR:
+                raise job_store.too_many_active(limits.max_active_jobs)
         if job is None:
             raise JobNotFound(f"No job has the id {job_id}.")
-        if not moved and tenant is not None and job.status in RETRYABLE_BY_OPERATOR:
-            raise job_store.too_many_active(limits.max_active_jobs)
         if not moved:
             raise Problem(
                 "illegal-transition",

@@ -45,7 +45,11 @@ IDEMPOTENCY_CONFLICTS = Counter(
     "Submissions refused because of their Idempotency-Key.",
     ["reason"],  # in_flight (409) or reused (422)
 )
-LIMITED = Counter("conveyor_submissions_limited_total", "Submissions refused by a tenant limit.", ["limit"])
+LIMITED = Counter(
+    "conveyor_submissions_limited_total",
+    "Submissions and tenants' retries refused by a tenant limit.",
+    ["limit"],  # rate or active_jobs
+)
 
 #: Route label for requests that matched no route (404s for unknown paths): one value, not the path.
 UNMATCHED = "unmatched"

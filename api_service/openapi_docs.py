@@ -204,11 +204,14 @@ _PROBLEM_HEADERS: dict[str, dict[str, bool]] = {
 #: A realistic ``detail`` for each problem type's example.
 _EXAMPLE_DETAILS = {
     "validation-error": "The request is invalid; see `errors`.",
-    "malformed-json": "The request body is not valid JSON.",
+    "malformed-json": (
+        "The request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 "
+        "column 17 (char 16)."
+    ),
     "json-too-deep": "The request body nests arrays and objects deeper than 32 levels.",
     "unauthorized": "The API key is not valid (unknown, revoked or malformed).",
     "forbidden": "This API key does not have the jobs:write scope.",
-    "rate-limited": "Tenant 'acme' may submit 100 jobs per second (bursts of 200).",
+    "rate-limited": "Tenant 'acme' may submit (or retry) 100 jobs per second (bursts of 200).",
     "too-many-active-jobs": (
         "The tenant may have at most 10000 jobs waiting or running, and has reached that; retry once some "
         "have finished."

@@ -85,8 +85,9 @@ CATALOG = _catalog(
     ProblemType("illegal-transition", "Job status does not allow this", 409,
                 "The job's current status does not allow the requested change."),
     ProblemType("service-unavailable", "Service temporarily unavailable", 503,
-                "A dependency (the database) is unreachable. Nothing was written; retry after the "
-                "`Retry-After` delay."),
+                "A dependency (the database) is unreachable. Usually nothing was written, but a write "
+                "whose answer was lost may have happened; retry after the `Retry-After` delay with the "
+                "same `Idempotency-Key`."),
     ProblemType("not-ready", "Not ready", 503, "A dependency of this instance is unreachable."),
     ProblemType("internal-error", "Internal server error", 500,
                 "An unexpected error. It has been logged; nothing was half-written."),

@@ -26,7 +26,7 @@ from dramatiq.errors import DramatiqError
 from prometheus_client import Counter
 
 from shared import no_redirects
-from shared.confirms import ConfirmingPublisher, OutgoingMessage
+from shared.confirms import ConfirmingPublisher, OutgoingMessage, describe
 from shared.errors import BrokerUnavailable
 from shared.job_types import PRIORITY_RANGE
 from shared.messages import Dispatch, build_message
@@ -95,13 +95,6 @@ def queue_arguments(queue_name: str, queue_type: str, delivery_limit: int) -> Qu
         delay_queue={**quorum, **dead_letter, "x-delivery-limit": UNLIMITED_DELIVERIES},
         dead_letter_queue={**quorum, "x-delivery-limit": UNLIMITED_DELIVERIES},
     )
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: reason`` of a broker error. pika's connection errors keep their reason in ``args`` and
-    print as nothing (``AMQPConnectionError: ``, which told an operator nothing)."""
-    reason = str(exc) or ", ".join(str(arg) or repr(arg) for arg in exc.args)
-    return f"{type(exc).__name__}: {reason}"
 
 
 class _Consumer(_RabbitmqConsumer):
@@ -186,6 +179,15 @@ PUBLISH_FAILURES = Counter(
 )
 
 
+@dataclass(frozen=True)
+class Published:
+    """What became of the dispatches of one ``publish_all``."""
+
+    confirmed: list[Dispatch]
+    #: The others, each with why RabbitMQ did not confirm it (short; never the broker URL).
+    failed: list[tuple[Dispatch, str]]
+
+
 class Publisher:
     """Publishes job messages with publisher confirms, many at a time (``shared/confirms.py``).
 
@@ -208,8 +210,8 @@ class Publisher:
         self._lock = threading.Lock()
         self._closed_until = 0.0
 
-    def publish_all(self, dispatches: Sequence[Dispatch]) -> list[Dispatch]:
-        """Publish all at once; returns those RabbitMQ confirmed (the others stay for the relay)."""
+    def publish_all(self, dispatches: Sequence[Dispatch]) -> Published:
+        """Publish all at once; those RabbitMQ did not confirm stay for the relay, with the reason."""
         messages = [build_message(dispatch, self._prefix) for dispatch in dispatches]
         try:
             for queue in {message.queue_name for message in messages}:
@@ -218,30 +220,36 @@ class Publisher:
         except (DramatiqError, pika.exceptions.AMQPError, OSError) as exc:
             logger.warning("cannot declare queues, nothing published: %s", describe(exc))
             PUBLISH_FAILURES.inc(len(dispatches))
-            return []
+            reason = f"cannot declare queues: {describe(exc)}"
+            return Published([], [(dispatch, reason) for dispatch in dispatches])
         outgoing = [
             OutgoingMessage(message.queue_name, message.encode(), message.message_id, dispatch.priority)
             for message, dispatch in zip(messages, dispatches, strict=True)
         ]
-        confirmed = self._confirming.publish(outgoing)
-        PUBLISH_FAILURES.inc(confirmed.count(False))
-        for message, ok in zip(messages, confirmed, strict=True):
-            if not ok:
+        failures = self._confirming.publish(outgoing)
+        confirmed: list[Dispatch] = []
+        failed: list[tuple[Dispatch, str]] = []
+        for message, dispatch, failure in zip(messages, dispatches, failures, strict=True):
+            if failure is None:
+                confirmed.append(dispatch)
+            else:
+                failed.append((dispatch, failure))
                 # Perhaps returned: its queue was deleted since this process declared it. Declared
                 # again before the next publish (also the relay's, and its reads of dead letters).
                 self._broker.queues_pending.add(message.queue_name)
-        return [dispatch for dispatch, ok in zip(dispatches, confirmed, strict=True) if ok]
+        PUBLISH_FAILURES.inc(len(failed))
+        return Published(confirmed, failed)
 
     def publish(self, dispatch: Dispatch) -> None:
         """Publish one message; returns once RabbitMQ confirmed it. Raises BrokerUnavailable."""
-        if not self.publish_all([dispatch]):
-            raise BrokerUnavailable(f"RabbitMQ did not confirm the message of job {dispatch.job_id}")
+        for _, reason in self.publish_all([dispatch]).failed:
+            raise BrokerUnavailable(f"the message of job {dispatch.job_id} is not published: {reason}")
 
     def try_publish_all(self, dispatches: Sequence[Dispatch]) -> list[Dispatch]:
         """``publish_all`` unless the broker failed recently; the dispatches RabbitMQ confirmed."""
         if not dispatches or time.monotonic() < self._closed_until:
             return []
-        published = self.publish_all(dispatches)
+        published = self.publish_all(dispatches).confirmed
         if len(published) < len(dispatches):
             with self._lock:
                 self._closed_until = time.monotonic() + self._backoff

@@ -12,7 +12,9 @@ batch costs about one confirm wait, whatever its size.
 
 A message counts as published only when RabbitMQ acked it and did not return it as unroutable (a queue
 deleted since it was declared). Everything else (a nack, a return, the connection lost, no confirm
-within ``confirm_timeout``) is reported as not published, and its outbox row stays for the relay. The
+within ``confirm_timeout``) is reported as not published, with the reason, and its outbox row stays for
+the relay, which records that reason. A reason is short and never holds the broker URL, so never its
+password: it names what happened and, for a broken connection, pika's exception (``describe``). The
 connection is opened on first use, again after it was lost, and afresh in a forked child. Each
 connection keeps its own channel and confirms (``_Link``), so one given up on while it was still
 opening cannot disturb the one that replaced it.
@@ -46,29 +48,55 @@ class OutgoingMessage:
     priority: int | None = None
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: reason`` of a broker error. pika's connection errors keep their reason in ``args`` and
+    print as nothing (``AMQPConnectionError: ``, which told an operator nothing)."""
+    reason = str(exc) or ", ".join(str(arg) or repr(arg) for arg in exc.args)
+    return f"{type(exc).__name__}: {reason}"
+
+
+#: Why a message was not published, for the ones RabbitMQ answered (the others are described where
+#: they fail: a connection that did not open, or closed, before the confirm came).
+NACKED = "nacked by RabbitMQ"
+RETURNED = "returned unroutable by RabbitMQ (its queue does not exist)"
+
+
 @dataclass
 class _Batch:
-    """The messages of one call, and what became of each (None while unsettled)."""
+    """The messages of one call, and what became of each: ``outcome`` is None while unsettled, then
+    whether RabbitMQ confirmed it; ``failures`` says why one was not."""
 
     messages: Sequence[OutgoingMessage]
     outcome: list[bool | None] = field(default_factory=list)
+    failures: list[str | None] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     #: Messages not settled yet (counted, not searched for: a batch may hold hundreds).
     unsettled: int = 0
 
     def __post_init__(self) -> None:
         self.unsettled = sum(o is None for o in self.outcome)
+        self.failures = [None] * len(self.outcome)
 
-    def settle(self, index: int, ok: bool) -> None:
+    def settle(self, index: int, failure: str | None) -> None:
+        """Message ``index`` is confirmed (``failure`` None) or refused for the reason given."""
         if self.outcome[index] is None:
-            self.outcome[index] = ok
+            self.failures[index] = failure
+            self.outcome[index] = failure is None
             self.unsettled -= 1
         if not self.unsettled:
             self.done.set()
 
-    def fail_unsettled(self) -> None:
+    def fail_unsettled(self, reason: str) -> None:
+        for index, outcome in enumerate(self.outcome):
+            if outcome is None:
+                self.failures[index] = reason
         self.outcome = [bool(o) for o in self.outcome]
         self.done.set()
+
+    def results(self, fallback: str) -> list[str | None]:
+        """None for each message RabbitMQ confirmed, else why not (``fallback`` if still unsettled)."""
+        return [None if ok else (failure or fallback)
+                for ok, failure in zip(self.outcome, self.failures, strict=True)]  # fmt: skip
 
 
 class ConfirmingPublisher:
@@ -86,20 +114,22 @@ class ConfirmingPublisher:
         self._pid = 0
         self._link: _Link | None = None
 
-    def publish(self, messages: Sequence[OutgoingMessage]) -> list[bool]:
-        """Publish ``messages``; for each, whether RabbitMQ confirmed it. Never raises for broker trouble."""
+    def publish(self, messages: Sequence[OutgoingMessage]) -> list[str | None]:
+        """Publish ``messages``; for each, None if RabbitMQ confirmed it, else why it is not published.
+        Never raises for broker trouble."""
         if not messages:
             return []
-        link = self._connected()
+        link, failure = self._connected()
         if link is None:
-            return [False] * len(messages)
+            return [failure] * len(messages)
         batch = _Batch(messages, [None] * len(messages))
         link.call(lambda: link.send(batch))
+        timed_out = f"not confirmed by RabbitMQ within {self._confirm_timeout:g}s"
         if not batch.done.wait(self._confirm_timeout):
             logger.warning("no confirm within %.0fs for %d messages", self._confirm_timeout, len(messages))
-            link.call(lambda: link.forget(batch))
+            link.call(lambda: link.forget(batch, timed_out))
             batch.done.wait(1.0)
-        return [bool(o) for o in batch.outcome]
+        return batch.results(fallback=timed_out)
 
     def close(self) -> None:
         """Close the connection and wait (briefly) for its I/O thread to finish."""
@@ -114,8 +144,9 @@ class ConfirmingPublisher:
         link = self._link
         return link.connection if link is not None else None
 
-    def _connected(self) -> _Link | None:
-        """The open link, opened by the first caller that needs it; None if it could not be opened."""
+    def _connected(self) -> tuple[_Link | None, str]:
+        """The open link, opened by the first caller that needs it; None and why if it could not be
+        opened."""
         with self._lock:
             if self._pid != os.getpid() or self._link is None:
                 self._pid = os.getpid()  # a forked child never uses its parent's connection
@@ -126,8 +157,11 @@ class ConfirmingPublisher:
             logger.warning("RabbitMQ publisher connection could not be opened")
             self._drop(link)
             link.close(wait=0)  # closed once it opens, if it ever does; its callbacks touch only itself
-            return None
-        return link if self._link is link else None
+            why = link.error or f"not open within {self._connect_timeout:g}s"
+            return None, f"cannot connect to RabbitMQ: {why}"
+        if self._link is not link:
+            return None, "the connection to RabbitMQ closed as it opened"
+        return link, ""
 
     def _drop(self, link: _Link) -> None:
         with self._lock:
@@ -149,6 +183,8 @@ class _Link:
         #: Set once the connection attempt is over, whether it worked (``ready``) or not.
         self.attempt_over = threading.Event()
         self._abandoned = False
+        #: Why the connection closed or failed to open (``describe``), once it has.
+        self.error = ""
         # Owned by the I/O thread:
         self._channel: pika.channel.Channel | None = None
         self._next_tag = 1
@@ -204,7 +240,7 @@ class _Link:
         # 200 is a normal close (ours, at shutdown): news only when RabbitMQ or the network closed it.
         normal = isinstance(exc, pika.exceptions.ChannelClosed) and exc.reply_code == 200
         logger.log(logging.INFO if normal else logging.WARNING, "RabbitMQ publisher channel closed: %s", exc)
-        self._fail_all()
+        self._fail_all(f"the publisher channel closed before the confirm: {describe(exc)}")
         if self.connection.is_open:
             self.connection.close()
 
@@ -213,16 +249,17 @@ class _Link:
         logger.log(
             logging.INFO if closed_by_us else logging.WARNING, "RabbitMQ publisher connection closed: %s", exc
         )
+        self.error = describe(exc)
         self.ready.clear()
         self._on_link_closed(self)
         self.attempt_over.set()
-        self._fail_all()
+        self._fail_all(f"the connection to RabbitMQ closed before the confirm: {self.error}")
         connection.ioloop.stop()
 
     def send(self, batch: _Batch) -> None:
         channel = self._channel
         if channel is None or not channel.is_open:
-            batch.fail_unsettled()
+            batch.fail_unsettled("no open channel to RabbitMQ")
             return
         for index, message in enumerate(batch.messages):
             properties = pika.BasicProperties(
@@ -258,18 +295,18 @@ class _Link:
             self._returned.discard(message_id)
             if returned or not acked:
                 logger.warning("RabbitMQ %s message %s", "returned" if returned else "nacked", message_id)
-            batch.settle(index, acked and not returned)
+            batch.settle(index, RETURNED if returned else None if acked else NACKED)
 
-    def forget(self, batch: _Batch) -> None:
+    def forget(self, batch: _Batch, reason: str) -> None:
         for tag, (owner, _) in list(self._unsettled.items()):
             if owner is batch:
                 del self._unsettled[tag]
-        batch.fail_unsettled()
+        batch.fail_unsettled(reason)
 
-    def _fail_all(self) -> None:
+    def _fail_all(self, reason: str) -> None:
         batches = {id(b): b for b, _ in self._unsettled.values()}
         self._unsettled.clear()
         self._returned.clear()
         self._channel = None
         for batch in batches.values():
-            batch.fail_unsettled()
+            batch.fail_unsettled(reason)

@@ -47,8 +47,9 @@ class Settings:
     db_pool_size: int = setting(
         "CONVEYOR_DB_POOL_SIZE",
         10,
-        "Connections per process. Size it to the threads that touch the database "
-        "(gunicorn threads, worker threads + 1 for the lease keeper).",
+        "Connections per process, opened as needed. Size it to the threads that use the database: "
+        "an API process's gunicorn threads + 1 (the published-rows deleter), a worker process's "
+        "threads + 2 (the lease keeper and the group-commit writer); a relay uses 2.",
         minimum=1,
     )
     db_connect_timeout_seconds: int = setting(

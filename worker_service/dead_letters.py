@@ -5,7 +5,8 @@ What reaches a dead-letter queue, and what becomes of it:
 - the message of a job that failed (the worker nacks it after recording ``failed``): the job's dead
   letter already exists (a trigger files it with the failure), so the message is simply acknowledged;
 - a message that is not a Conveyor job (not JSON, not a dramatiq message, an unknown job type, an id
-  that names no job): filed verbatim with the reason, visible in ``GET /v1/dead-letters``;
+  that names no job): filed with the reason and its first MAX_KEPT_BYTES, visible in
+  ``GET /v1/dead-letters``;
 - the message of a job still waiting to run (a quorum queue's delivery limit or a TTL dead-lettered it
   before any worker claimed it): the job gets a new outbox row, so the relay publishes it again;
 - anything else (say a delivery limit hit a job that is running): acknowledged, because the job's row

@@ -2,7 +2,8 @@
 
 Each round it
 1. takes due outbox rows (new jobs the API could not publish, scheduled jobs whose time came, retries
-   whose backoff is over), publishes them with publisher confirms and deletes the confirmed ones;
+   whose backoff is over), publishes them with publisher confirms, deletes the confirmed ones and
+   writes on each of the others why it was not published (its ``last_error``);
 2. retries or fails running jobs whose lease lapsed (their worker is gone), but only once Postgres has
    been reachable for a whole lease period: after an outage (or at the relay's start) the workers first
    get the chance to renew the leases they could not renew meanwhile;
@@ -118,13 +119,16 @@ class Relay:
             due = outbox_store.take_due(cur, limit=batch)
             if not due:
                 return 0, 0
-            confirmed = {d.outbox_id for d in self._publisher.publish_all(due) if d.outbox_id is not None}
-            unpublished = [
-                d.outbox_id for d in due if d.outbox_id is not None and d.outbox_id not in confirmed
-            ]
-            outbox_store.delete_published(cur, list(confirmed))
-            outbox_store.record_publish_error(cur, unpublished, "broker unavailable", retry_in)
-            return len(confirmed), len(unpublished)
+            published = self._publisher.publish_all(due)
+            confirmed = [d.outbox_id for d in published.confirmed if d.outbox_id is not None]
+            outbox_store.delete_published(cur, confirmed)
+            unpublished: dict[str, list[int]] = {}  # the rows RabbitMQ did not confirm, by the reason
+            for dispatch, reason in published.failed:
+                if dispatch.outbox_id is not None:
+                    unpublished.setdefault(reason, []).append(dispatch.outbox_id)
+            for reason, outbox_ids in unpublished.items():
+                outbox_store.record_publish_error(cur, outbox_ids, reason, retry_in)
+            return len(published.confirmed), len(published.failed)
 
         report.published, report.failed_publishes = self._db.run(work)
         if not report.published and not report.failed_publishes:

@@ -253,6 +253,21 @@ def test_the_migrate_job_needs_only_the_database_url_and_runs_after_what_it_uses
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_under_argo_cd_the_namespace_comes_before_everything_in_it(overlay: str) -> None:
+    """Without a wave, the Namespace (wave 0) came after the ServiceAccount and Secret (wave -2) that
+    live in it, and a first sync failed."""
+
+    def wave(o: dict[str, Any]) -> int:
+        return int((o["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-wave", "0"))
+
+    rendered = render(overlay)
+    (namespace,) = [o for o in rendered if o["kind"] == "Namespace"]
+    inside = [o for o in rendered if o["metadata"].get("namespace") == namespace["metadata"]["name"]]
+    assert inside
+    assert wave(namespace) < min(wave(o) for o in inside)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_deployment_selectors_match_their_pods_and_no_other_deployment(overlay: str) -> None:
     deployments = objects(overlay, "Deployment")
     for name, d in deployments.items():

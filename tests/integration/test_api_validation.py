@@ -505,3 +505,43 @@ def test_a_tenants_retry_locks_in_a_submissions_order(app: Flask, keys: Keys, ds
     assert moved
     assert job.status.value == "queued"
     assert rate is not None
+
+
+@pytest.mark.parametrize(
+    ("limits", "slug", "label"),
+    [({"submit_rate_per_second": 0.001, "submit_burst": 2, "max_active_jobs": 100}, "rate-limited", "rate"),
+     ({"submit_rate_per_second": 1000.0, "submit_burst": 1000, "max_active_jobs": 1}, "too-many-active-jobs",
+      "active_jobs")],
+    ids=["rate", "active-jobs"],
+)  # fmt: skip
+def test_a_tenants_retry_refused_by_a_limit_is_counted_like_a_submission(
+    app: Flask, limits: dict[str, Any], slug: str, label: str
+) -> None:
+    """A retry is limited like a submission, and its 429 counted in conveyor_submissions_limited_total
+    too: it was not, so a tenant retrying into its limits never showed on the dashboard."""
+    from prometheus_client import REGISTRY
+
+    from shared.api_keys import Scope, generate_key
+    from shared.store import api_keys as key_store
+    from shared.store import tenants as tenant_store
+
+    tenant, new = f"retry-{label}-{uuid.uuid4().hex[:8]}", generate_key()
+
+    def create(cur: Any) -> None:
+        tenant_store.create_tenant(cur, tenant)
+        tenant_store.set_limits(cur, tenant, **limits)
+        key_store.insert_key(cur, new, tenant, frozenset({Scope.JOBS_READ, Scope.JOBS_WRITE}), "test")
+
+    services_of(app).db.run(create)
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {new.key}"
+    first = post(client, {"type": "noop", "delay_seconds": 3600}).get_json()["id"]
+    assert client.post(f"/v1/jobs/{first}/cancel").status_code == 200
+    assert post(client, {"type": "noop", "delay_seconds": 3600}).status_code == 202  # the last token, or room
+
+    def limited() -> float:
+        return REGISTRY.get_sample_value("conveyor_submissions_limited_total", {"limit": label}) or 0.0
+
+    before = limited()
+    problem(client.post(f"/v1/jobs/{first}/retry"), 429, slug)
+    assert limited() - before == 1

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from support import RUN_ID, amqp_channel, queue_counts, wait_for
 
 from shared.broker import Publisher, create_broker, url_with_defaults
-from shared.confirms import ConfirmingPublisher, OutgoingMessage
+from shared.confirms import RETURNED, ConfirmingPublisher, OutgoingMessage
 from shared.messages import Dispatch
 from shared.settings import Settings
 
@@ -46,7 +46,7 @@ def messages(queue: str, count: int) -> list[OutgoingMessage]:
 def test_a_batch_is_confirmed_and_lands_in_its_queue(
     publisher: ConfirmingPublisher, queue: str, broker_url: str
 ) -> None:
-    assert publisher.publish(messages(queue, 500)) == [True] * 500
+    assert publisher.publish(messages(queue, 500)) == [None] * 500
     wait_for(lambda: queue_counts(broker_url, queue)[0] == 500, timeout=10, what="500 messages in the queue")
 
 
@@ -54,7 +54,7 @@ def test_an_unroutable_message_is_not_confirmed_and_the_rest_are(
     publisher: ConfirmingPublisher, queue: str
 ) -> None:
     batch = messages(queue, 2) + messages(f"conveyor_test_{RUN_ID}.no-such-queue", 1) + messages(queue, 2)
-    assert publisher.publish(batch) == [True, True, False, True, True]
+    assert publisher.publish(batch) == [None, None, RETURNED, None, None]
 
 
 def test_closing_the_publisher_is_not_a_warning(
@@ -63,7 +63,7 @@ def test_closing_the_publisher_is_not_a_warning(
     """Every Ctrl-C of `conveyor run` logged "publisher channel closed: (200, 'Normal shutdown')" as a
     warning; a warning is for a channel that RabbitMQ or the network closed."""
     publisher = ConfirmingPublisher(pika.URLParameters(url_with_defaults(settings.broker_url)))
-    assert publisher.publish(messages(queue, 1)) == [True]
+    assert publisher.publish(messages(queue, 1)) == [None]
     with caplog.at_level("INFO", logger="shared.confirms"):
         publisher.close()
     closed = [r for r in caplog.records if "publisher channel closed" in r.getMessage()]
@@ -72,24 +72,30 @@ def test_closing_the_publisher_is_not_a_warning(
 
 
 def test_a_dead_broker_fails_fast_and_publishes_nothing() -> None:
-    dead = ConfirmingPublisher(pika.URLParameters(url_with_defaults("amqp://guest:guest@127.0.0.1:1/%2F")))
+    dead = ConfirmingPublisher(pika.URLParameters(url_with_defaults("amqp://guest:s3cret@127.0.0.1:1/%2F")))
     began = time.monotonic()
     try:
-        assert dead.publish(messages("anything", 3)) == [False, False, False]
+        failures = dead.publish(messages("anything", 3))
     finally:
         dead.close()
     assert time.monotonic() - began < 4, "refused at once, not after the connect timeout"
+    [failure] = set(failures)
+    assert len(failures) == 3
+    assert failure is not None
+    assert failure.startswith("cannot connect to RabbitMQ: AMQPConnectionError"), failure
+    assert "Connection refused" in failure, "the reason names what pika saw"
+    assert "s3cret" not in failure
 
 
 def test_a_lost_connection_is_reopened_on_the_next_publish(
     publisher: ConfirmingPublisher, queue: str, broker_url: str
 ) -> None:
-    assert publisher.publish(messages(queue, 1)) == [True]
+    assert publisher.publish(messages(queue, 1)) == [None]
     connection = publisher._connection  # the test reaches in only to break it
     assert connection is not None
     connection.ioloop.add_callback_threadsafe(connection.close)
     wait_for(lambda: publisher._connection is None, timeout=5, what="the publisher to notice")
-    assert publisher.publish(messages(queue, 3)) == [True] * 3
+    assert publisher.publish(messages(queue, 3)) == [None] * 3
     wait_for(lambda: queue_counts(broker_url, queue)[0] == 4, timeout=10, what="4 messages in the queue")
 
 
@@ -139,11 +145,12 @@ def test_a_connection_given_up_on_while_opening_cannot_disturb_the_next_one(
     parameters.port = proxy.port
     publisher = ConfirmingPublisher(parameters, connect_timeout=1.0)
     try:
-        assert publisher.publish(messages(queue, 1)) == [False], "the first connection never opens"
-        assert publisher.publish(messages(queue, 1)) == [True]
+        never_opens = publisher.publish(messages(queue, 1))
+        assert never_opens == ["cannot connect to RabbitMQ: not open within 1s"], "the first connection"
+        assert publisher.publish(messages(queue, 1)) == [None]
         proxy.stalled[0].close()  # the first attempt, given up on, fails now, on its own thread
         time.sleep(0.5)
-        assert [publisher.publish(messages(queue, 2)) for _ in range(3)] == [[True, True]] * 3
+        assert [publisher.publish(messages(queue, 2)) for _ in range(3)] == [[None, None]] * 3
         wait_for(lambda: queue_counts(broker_url, queue)[0] == 7, timeout=10, what="7 messages in the queue")
     finally:
         publisher.close()
@@ -160,13 +167,15 @@ def test_a_queue_deleted_behind_the_publishers_back_is_declared_again(settings: 
         return Dispatch(uuid.uuid4(), "noop", "default", 5)
 
     try:
-        assert len(publisher.publish_all([dispatch()])) == 1
+        assert len(publisher.publish_all([dispatch()]).confirmed) == 1
         with amqp_channel(settings.broker_url) as channel:
             channel.queue_delete(queue=queue)
         failures = publish_failures()
-        assert publisher.publish_all([dispatch(), dispatch()]) == [], "returned: its queue is gone"
+        returned = publisher.publish_all([dispatch(), dispatch()])
+        assert returned.confirmed == [], "returned: its queue is gone"
+        assert [reason for _, reason in returned.failed] == [RETURNED, RETURNED]
         assert publish_failures() - failures == 2, "the counter counts messages, not calls"
-        assert len(publisher.publish_all([dispatch()])) == 1, "the queue is declared again"
+        assert len(publisher.publish_all([dispatch()]).confirmed) == 1, "the queue is declared again"
         assert queue_counts(settings.broker_url, queue)[0] == 1
     finally:
         publisher.close()
