@@ -10,6 +10,7 @@ same figures: aggregate with ``max by (queue)``, never ``sum``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,10 +22,13 @@ from prometheus_client.registry import Collector
 
 from shared import queue_stats
 from shared.errors import StoreUnavailable
+from shared.jobs import TERMINAL_STATUSES
 from shared.settings import Settings
 from shared.store import Database
 
 logger = logging.getLogger(__name__)
+
+_FINISHED = frozenset(status.value for status in TERMINAL_STATUSES)
 
 OUTBOX_PUBLISHED = Counter("conveyor_outbox_published_total", "Outbox messages published and confirmed.")
 JOBS_LOST = Counter(
@@ -37,14 +41,25 @@ DEAD_MESSAGES_FILED = Counter(
 )
 
 
+#: How often the relay counts the finished jobs for ``conveyor_jobs``: every job retention keeps, a
+#: read of tens of millions of rows on a busy deployment, which every refresh (10 s) would repeat
+#: without pause. The active statuses are counted at every refresh, from their small index.
+FINISHED_COUNTS_SECONDS = 300.0
+
+
 class QueueStatsCollector(Collector):
     """Exports the last snapshot of queue statistics; a thread refreshes it."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, *, finished_counts_seconds: float = FINISHED_COUNTS_SECONDS
+    ) -> None:
         self._settings = settings
         self._db = db
         self._snapshot: queue_stats.Snapshot | None = None
         self._taken_at = 0.0
+        self._finished_every = finished_counts_seconds
+        self._finished: dict[str, int] = {}
+        self._finished_at: float | None = None
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -54,8 +69,17 @@ class QueueStatsCollector(Collector):
         self._stop.set()
 
     def refresh(self) -> None:
-        self._snapshot = queue_stats.collect(self._settings, self._db, with_status_counts=True)
-        self._taken_at = time.monotonic()
+        now = time.monotonic()
+        count_finished = self._finished_at is None or now - self._finished_at >= self._finished_every
+        snapshot = queue_stats.collect(
+            self._settings, self._db, with_status_counts=True, with_finished_counts=count_finished
+        )
+        if count_finished:
+            self._finished = {s: n for s, n in snapshot.jobs_by_status.items() if s in _FINISHED}
+            self._finished_at = now
+        counted = snapshot.jobs_by_status | self._finished
+        self._snapshot = dataclasses.replace(snapshot, jobs_by_status=counted)
+        self._taken_at = now
 
     def _refresh_forever(self) -> None:
         while not self._stop.is_set():
@@ -90,7 +114,11 @@ class QueueStatsCollector(Collector):
         )
         oldest.add_metric([], snapshot.outbox_oldest_seconds)
         yield oldest
-        jobs = GaugeMetricFamily("conveyor_jobs", "Jobs by status.", labels=["status"])
+        jobs = GaugeMetricFamily(
+            "conveyor_jobs",
+            "Jobs by status; the finished statuses are counted every 5 minutes, the others every refresh.",
+            labels=["status"],
+        )
         for status, count in sorted(snapshot.jobs_by_status.items()):
             jobs.add_metric([status], count)
         yield jobs

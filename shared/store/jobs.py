@@ -547,10 +547,19 @@ def queue_counts(cur: Cursor) -> dict[str, QueueCounts]:
     }
 
 
-def count_by_status(cur: Cursor) -> dict[str, int]:
-    """Jobs per status. A full count: callers cache it (the relay refreshes it every few seconds)."""
-    cur.execute("SELECT status, count(*) FROM jobs GROUP BY status")
-    counts = {status.value: 0 for status in JobStatus}
+_COUNT_ACTIVE = "SELECT status, count(*) FROM jobs WHERE finished_at IS NULL GROUP BY status"
+_COUNT_FINISHED = "SELECT status, count(*) FROM jobs WHERE finished_at IS NOT NULL GROUP BY status"
+
+
+def count_by_status(cur: Cursor, *, finished: bool) -> dict[str, int]:
+    """Jobs per status: the active statuses (queued, retrying, running) or the finished ones.
+
+    The active jobs are counted from their partial index, at the cost of the backlog. The finished ones
+    are every job retention keeps, a read of millions of rows on a busy deployment: the relay counts
+    them far less often (``worker_service/relay_metrics.py``).
+    """
+    cur.execute(_COUNT_FINISHED if finished else _COUNT_ACTIVE)
+    counts = {status.value: 0 for status in JobStatus if (status in TERMINAL_STATUSES) == finished}
     counts.update({status: int(n) for status, n in cur.fetchall()})
     return counts
 

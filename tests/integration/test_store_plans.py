@@ -185,6 +185,10 @@ def test_a_round_probes_its_jobs_when_statistics_say_none_is_active(
         assert steps <= 8, f"renewing 8 leases: a step produced {steps} rows"
         steps = largest_plan_step(dsn, lambda cur: job_store.cancel_job(cur, backlog[-1], TENANT))
         assert steps <= 1, f"cancelling one job: a step produced {steps} rows"
+        # The relay's statistics, every refresh: the active jobs only, not the 4,000 finished ones.
+        for count in (job_store.queue_counts, lambda cur: job_store.count_by_status(cur, finished=False)):
+            steps = largest_plan_step(dsn, count)
+            assert steps <= len(backlog), f"counting {len(backlog)} active jobs: a step produced {steps} rows"
 
 
 def test_the_statements_of_every_request_are_planned_once_per_connection(dsn: str, database: str) -> None:
