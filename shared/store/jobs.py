@@ -368,13 +368,27 @@ class JobFilter:
 
 
 def list_jobs(cur: Cursor, filters: JobFilter, limit: int) -> list[Job]:
-    """Newest first, ``limit`` at most, strictly after the keyset position ``filters.after``."""
+    """Newest first, ``limit`` at most, strictly after the keyset position ``filters.after``.
+
+    A tenant's jobs of one status are read in order from ``jobs_by_tenant_status``, a page at a time.
+    Of several statuses, each is read that way, a page each, and the pages merged: as
+    ``status = ANY(...)`` Postgres can take that index only unordered, and read and sorted every job of
+    those statuses for each page (a million succeeded jobs for 50 rows).
+    """
     clauses: list[str] = []
     params: dict[str, Any] = {"limit": limit}
+    by_status = filters.tenant is not None and bool(filters.statuses)
+    per_status = by_status and len(filters.statuses) > 1
     if filters.tenant is not None:
         clauses.append("tenant = %(tenant)s")
         params["tenant"] = filters.tenant
-    if filters.statuses:
+    if per_status:
+        clauses.append("status = wanted.status")
+        params["statuses"] = [s.value for s in filters.statuses]
+    elif len(filters.statuses) == 1:
+        clauses.append("status = %(status)s")
+        params["status"] = filters.statuses[0].value
+    elif filters.statuses:
         clauses.append("status = ANY(%(statuses)s)")
         params["statuses"] = [s.value for s in filters.statuses]
     if filters.types:
@@ -393,10 +407,17 @@ def list_jobs(cur: Cursor, filters: JobFilter, limit: int) -> list[Job]:
         clauses.append("(created_at, id) < (%(after_ts)s, %(after_id)s)")
         params["after_ts"], params["after_id"] = filters.after
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-    cur.execute(
-        f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT %(limit)s",  # noqa: S608 - fixed fragments only
-        params,
-    )
+    # With the tenant and the status fixed, ordering by them as well changes nothing but leaves one index
+    # that gives the order: Postgres otherwise could read jobs_by_creation and filter, when its
+    # statistics made the status look common.
+    order = "tenant, status, created_at DESC, id DESC" if by_status else "created_at DESC, id DESC"
+    page = f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY {order} LIMIT %(limit)s"  # noqa: S608 - fixed fragments only
+    if per_status:
+        page = (
+            f"SELECT page.* FROM unnest(%(statuses)s::text[]) AS wanted(status) CROSS JOIN LATERAL ({page})"  # noqa: S608
+            " AS page ORDER BY page.created_at DESC, page.id DESC LIMIT %(limit)s"
+        )
+    cur.execute(page, params)
     return [job_from_row(row) for row in cur.fetchall()]
 
 
@@ -569,19 +590,21 @@ def prune_finished(cur: Cursor, *, older_than_seconds: int, limit: int) -> int:
 
     Dead letters are never pruned (a failed job with a dead letter stays until an operator acts). Rows
     are taken with SKIP LOCKED in one short statement, so pruning never waits on, or blocks, live work;
-    a job's outbox rows and idempotency key go with it (ON DELETE CASCADE).
+    a job's outbox rows and idempotency key go with it (ON DELETE CASCADE). ``id = ANY(ARRAY(...))``
+    deletes by primary key: as ``id IN (...)`` Postgres planned a hash join over a read of the whole
+    table until it held some 100,000 rows.
     """
     cur.execute(
         """
-        DELETE FROM jobs WHERE id IN (
+        DELETE FROM jobs WHERE id = ANY(ARRAY(
             SELECT j.id FROM jobs j
-            WHERE j.status = ANY(%(terminal)s)
-              AND j.finished_at < now() - %(age)s * interval '1 second'
+            WHERE j.finished_at < now() - %(age)s * interval '1 second'
+              AND j.status = ANY(%(terminal)s)
               AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.job_id = j.id)
             ORDER BY j.finished_at
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
-        )
+        ))
         """,
         {"terminal": [s.value for s in TERMINAL_STATUSES], "age": older_than_seconds, "limit": limit},
     )
