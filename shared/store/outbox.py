@@ -9,14 +9,19 @@ from shared.store.db import Cursor
 
 
 def take_due(cur: Cursor, *, limit: int) -> list[Dispatch]:
-    """Lock up to ``limit`` due rows for the caller's transaction and return what to publish, oldest
-    first.
+    """Lock up to ``limit`` due rows for the caller's transaction and return what to publish, in the
+    order they came due.
 
     The caller publishes them, then deletes the confirmed ones (``delete_published``) and backs off the
     others (``record_publish_error``) before it commits. Rows another relay holds are skipped, and so
     are rows whose ``locked_until`` is still ahead: fresh rows the API that wrote them is publishing
     (its grace period), and rows backing off after a failed publish. If the caller dies first, its
     transaction ends and the rows are due again at once.
+
+    A row comes due at the later of its ``available_at`` and its ``locked_until`` (``greatest``
+    ignores a NULL), the key of the index ``outbox_by_relay_time`` (migration 0013): the rows held or
+    backing off lie beyond ``now()`` in it, so a poll reads only the rows it takes. A row that backed
+    off therefore comes after the rows that came due during its backoff, not in ``available_at`` order.
 
     The transaction does not wait for its commit to reach the disk: losing the DELETE to a Postgres
     crash only means the rows are published again, and the worker's claim ignores the copies.
@@ -26,8 +31,8 @@ def take_due(cur: Cursor, *, limit: int) -> list[Dispatch]:
         SET LOCAL synchronous_commit = off;
         SELECT outbox.id, jobs.id, jobs.type, jobs.queue, jobs.priority, jobs.request_id
         FROM outbox JOIN jobs ON jobs.id = outbox.job_id
-        WHERE outbox.available_at <= now() AND (outbox.locked_until IS NULL OR outbox.locked_until <= now())
-        ORDER BY outbox.available_at
+        WHERE greatest(outbox.available_at, outbox.locked_until) <= now()
+        ORDER BY greatest(outbox.available_at, outbox.locked_until)
         LIMIT %(limit)s
         FOR UPDATE OF outbox SKIP LOCKED
         """,
@@ -55,7 +60,12 @@ def record_publish_error(cur: Cursor, outbox_ids: Sequence[int], error: str, ret
 
 
 def backlog(cur: Cursor) -> tuple[int, float]:
-    """Rows due but not yet published, and the age in seconds of the oldest."""
+    """Rows due but not yet published, and the age in seconds of the oldest.
+
+    Rows backing off after a failed publish count from their ``available_at``, unlike in ``take_due``:
+    while RabbitMQ is down the backlog and its age keep growing (``ConveyorOutboxStuck``), rather than
+    start again at every backoff.
+    """
     cur.execute(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(available_at)), 0) "
         "FROM outbox WHERE available_at <= now()"

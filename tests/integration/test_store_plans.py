@@ -8,6 +8,7 @@ successes. These tests run the statements on tables that were never analyzed (or
 was active, then given a backlog) and read, from ``auto_explain``, how many rows each step of the
 executed plan produced or read and discarded. The statements run for every
 request are prepared, so that Postgres plans them once per connection rather than on every request.
+The relay's outbox poll reads the rows it can take, not those backing off ahead of them.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import pytest
 from support import pg, scratch_database
 
 from shared.jobs import JobError, JobStatus, NewJob
+from shared.messages import Dispatch
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import api_keys as api_key_store
 from shared.store import attempts as attempt_store
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
+from shared.store import outbox as outbox_store
 from shared.store import tenants as tenant_store
 
 TENANT = "default"
@@ -58,8 +61,9 @@ def fill(fresh: Settings, count: int = ROWS) -> tuple[str, list[str], list[uuid.
     return fresh.database_url, keys, [row.job_id for row in rows]
 
 
-def insert_noops(fresh: Settings, count: int) -> list[job_store.NewRow]:
-    """``count`` queued noop jobs of TENANT, each with an idempotency key."""
+def insert_noops(fresh: Settings, count: int, *, grace: float = 0) -> list[job_store.NewRow]:
+    """``count`` queued noop jobs of TENANT, each with an idempotency key; their outbox rows are held
+    for ``grace`` seconds, as the API holds the rows it publishes itself."""
     rows = [
         job_store.NewRow(
             uuid.uuid4(), NOOP, job_store.IdempotencyRecord(uuid.uuid4().hex, "f" * 64, 3600, 202)
@@ -70,7 +74,7 @@ def insert_noops(fresh: Settings, count: int) -> list[job_store.NewRow]:
     try:
         db.run(
             lambda cur: job_store.insert_jobs(
-                cur, TENANT, rows, max_active_jobs=10**6, outbox_grace_seconds=0
+                cur, TENANT, rows, max_active_jobs=10**6, outbox_grace_seconds=grace
             )
         )
     finally:
@@ -233,6 +237,35 @@ def test_retries_listings_and_pruning_read_what_they_touch(settings: Settings, d
         )
         assert pruned == [100]
         assert steps <= 100, f"pruning 100 jobs: a step produced or discarded {steps} rows"
+
+
+def test_the_relays_poll_reads_its_due_rows_not_the_rows_backing_off(
+    settings: Settings, database: str
+) -> None:
+    """RabbitMQ down: the relay backs off every row it could not publish (``locked_until`` a while
+    ahead), and the API holds the rows it is publishing itself for the grace period. Those rows came
+    due before the ones submitted since, and each poll of the relay (every 0.5 s) read past all of
+    them to find the few it could take, or read all of them to find none (migration 0013)."""
+    with scratch_database(settings, "outbox_backing_off") as fresh:
+        dsn, _, failed = fill(fresh, 5_000)
+        with pg(dsn) as cur:  # a round that RabbitMQ did not confirm
+            unconfirmed = [d.outbox_id for d in outbox_store.take_due(cur, limit=len(failed))]
+            assert len(unconfirmed) == len(failed)
+            outbox_store.record_publish_error(cur, unconfirmed, "broker unavailable", 3600)
+        insert_noops(fresh, 1_000, grace=3600)  # the API publishing them itself
+
+        def poll(due: list[job_store.NewRow]) -> None:
+            taken: list[Dispatch] = []
+            steps = largest_plan_step(dsn, lambda cur: taken.extend(outbox_store.take_due(cur, limit=200)))
+            assert {d.job_id for d in taken} == {row.job_id for row in due}, "the due rows, and only they"
+            assert steps <= len(due), f"{len(due)} rows due: a step read {steps} rows"
+
+        poll([])  # everything backing off or held: nothing to read
+        due = insert_noops(fresh, 10)
+        poll(due)
+        with pg(dsn) as cur:  # statistics taken during the outage
+            cur.execute("VACUUM (ANALYZE) outbox, jobs")
+        poll(due)
 
 
 def test_the_statements_of_every_request_are_planned_once_per_connection(dsn: str, database: str) -> None:
