@@ -377,20 +377,21 @@ def list_jobs(cur: Cursor, filters: JobFilter, limit: int) -> list[Job]:
     """
     clauses: list[str] = []
     params: dict[str, Any] = {"limit": limit}
-    by_status = filters.tenant is not None and bool(filters.statuses)
-    per_status = by_status and len(filters.statuses) > 1
+    statuses = list(dict.fromkeys(s.value for s in filters.statuses))  # a status named twice: one page
+    by_status = filters.tenant is not None and bool(statuses)
+    per_status = by_status and len(statuses) > 1
     if filters.tenant is not None:
         clauses.append("tenant = %(tenant)s")
         params["tenant"] = filters.tenant
     if per_status:
         clauses.append("status = wanted.status")
-        params["statuses"] = [s.value for s in filters.statuses]
-    elif len(filters.statuses) == 1:
+        params["statuses"] = statuses
+    elif len(statuses) == 1:
         clauses.append("status = %(status)s")
-        params["status"] = filters.statuses[0].value
-    elif filters.statuses:
+        params["status"] = statuses[0]
+    elif statuses:
         clauses.append("status = ANY(%(statuses)s)")
-        params["statuses"] = [s.value for s in filters.statuses]
+        params["statuses"] = statuses
     if filters.types:
         clauses.append("type = ANY(%(types)s)")
         params["types"] = list(filters.types)
