@@ -52,6 +52,8 @@ def describe(exc: BaseException) -> str:
     """``Type: reason`` of a broker error. pika's connection errors keep their reason in ``args`` and
     print as nothing (``AMQPConnectionError: ``, which told an operator nothing)."""
     reason = str(exc) or ", ".join(str(arg) or repr(arg) for arg in exc.args)
+    if not reason:  # AMQPConnectionWorkflowFailed keeps the attempts' errors in ``exceptions`` only
+        reason = "; ".join(describe(inner) for inner in getattr(exc, "exceptions", ()) or ()) or repr(exc)
     return f"{type(exc).__name__}: {reason}"
 
 

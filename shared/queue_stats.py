@@ -43,19 +43,15 @@ class Snapshot:
     jobs_by_status: dict[str, int]
 
 
-def collect(
-    settings: Settings, db: Database, *, with_status_counts: bool = False, with_finished_counts: bool = False
-) -> Snapshot:
+def collect(settings: Settings, db: Database, *, with_status_counts: bool = False) -> Snapshot:
     """The figures of every queue; ``jobs_by_status`` holds the active statuses' counts if
-    ``with_status_counts``, and the finished statuses' too if ``with_finished_counts`` (a read of
-    every job retention keeps)."""
+    ``with_status_counts`` (the finished ones, a read of every job retention keeps, are the relay's to
+    count: ``worker_service/relay_metrics.py``)."""
 
     def read(
         cur: Cursor,
     ) -> tuple[dict[str, job_store.QueueCounts], dict[str, int], tuple[int, float], dict[str, int]]:
         statuses = job_store.count_by_status(cur, finished=False) if with_status_counts else {}
-        if with_finished_counts:
-            statuses |= job_store.count_by_status(cur, finished=True)
         return (
             job_store.queue_counts(cur),
             dead_letter_store.count_by_queue(cur),

@@ -22,13 +22,11 @@ from prometheus_client.registry import Collector
 
 from shared import queue_stats
 from shared.errors import StoreUnavailable
-from shared.jobs import TERMINAL_STATUSES
 from shared.settings import Settings
 from shared.store import Database
+from shared.store import jobs as job_store
 
 logger = logging.getLogger(__name__)
-
-_FINISHED = frozenset(status.value for status in TERMINAL_STATUSES)
 
 OUTBOX_PUBLISHED = Counter("conveyor_outbox_published_total", "Outbox messages published and confirmed.")
 JOBS_LOST = Counter(
@@ -70,13 +68,13 @@ class QueueStatsCollector(Collector):
 
     def refresh(self) -> None:
         now = time.monotonic()
-        count_finished = self._finished_at is None or now - self._finished_at >= self._finished_every
-        snapshot = queue_stats.collect(
-            self._settings, self._db, with_status_counts=True, with_finished_counts=count_finished
-        )
-        if count_finished:
-            self._finished = {s: n for s, n in snapshot.jobs_by_status.items() if s in _FINISHED}
-            self._finished_at = now
+        snapshot = queue_stats.collect(self._settings, self._db, with_status_counts=True)
+        if self._finished_at is None or now - self._finished_at >= self._finished_every:
+            self._finished_at = now  # a count that failed waits its turn too: it is the costly read
+            try:  # on its own: a count that times out must not take the queue figures with it
+                self._finished = self._db.read(lambda cur: job_store.count_by_status(cur, finished=True))
+            except StoreUnavailable as exc:
+                logger.warning("finished jobs not counted, the last count stays: %s", exc)
         counted = snapshot.jobs_by_status | self._finished
         self._snapshot = dataclasses.replace(snapshot, jobs_by_status=counted)
         self._taken_at = now

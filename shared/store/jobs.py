@@ -464,18 +464,23 @@ def cancel_job(cur: Cursor, job_id: uuid.UUID, tenant: str | None) -> Job | None
     return job_from_row(row) if row else get_job(cur, job_id, tenant)
 
 
-def requeue_jobs(cur: Cursor, where: str, params: dict[str, Any]) -> list[uuid.UUID]:
+def requeue_jobs(
+    cur: Cursor, where: str, params: dict[str, Any], *, skip_locked: bool = True
+) -> list[uuid.UUID]:
     """Send failed or cancelled jobs round again: a fresh attempt cycle, a new outbox row.
 
     ``where`` selects candidate job ids (a fixed SQL fragment over ``jobs``; values in ``params``). Only
     jobs still failed or cancelled move, each once, whatever runs concurrently: running the same replay
     twice requeues nothing the second time. Leaving ``failed`` removes the job's dead letter (trigger).
+    A job another transaction holds is left out, unless ``skip_locked`` is false: then the statement
+    waits for it and moves it if it is still failed or cancelled.
     """
+    lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
     cur.execute(
         f"""
         WITH chosen AS (
             SELECT id FROM jobs WHERE status = ANY(%(retryable)s) AND ({where})
-            FOR UPDATE SKIP LOCKED
+            {lock}
         ), requeued AS (
             UPDATE jobs SET status = %(queued)s, attempts = 0, run_at = now(), result = NULL,
                             started_at = NULL, finished_at = NULL, cancel_requested_at = NULL,
@@ -497,12 +502,14 @@ def retry_job(
 ) -> tuple[bool, Job | None]:
     """Requeue one failed or cancelled job; (whether it moved, the job as it is now). With
     ``max_active_jobs``, only while its tenant has fewer jobs waiting or running than that: a retry
-    makes a job active again, as a submission does."""
+    makes a job active again, as a submission does. A job another transaction holds (a concurrent retry
+    of it) is waited for, not skipped: skipped, it looked like a job refused by the tenant's cap."""
     moved = requeue_jobs(
         cur,
         "id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
         f" AND (%(max_active)s::bigint IS NULL OR {_ROOM} > 0)",
         {"id": job_id, "tenant": tenant, "max_active": max_active_jobs},
+        skip_locked=False,
     )
     return bool(moved), get_job(cur, job_id, tenant)
 
@@ -569,8 +576,9 @@ def queue_counts(cur: Cursor) -> dict[str, QueueCounts]:
     }
 
 
-_COUNT_ACTIVE = "SELECT status, count(*) FROM jobs WHERE finished_at IS NULL GROUP BY status"
-_COUNT_FINISHED = "SELECT status, count(*) FROM jobs WHERE finished_at IS NOT NULL GROUP BY status"
+_COUNT_BY_STATUS = (
+    "SELECT status, count(*) FROM jobs WHERE finished_at IS {} AND status = ANY(%(statuses)s) GROUP BY status"
+)
 
 
 def count_by_status(cur: Cursor, *, finished: bool) -> dict[str, int]:
@@ -578,10 +586,12 @@ def count_by_status(cur: Cursor, *, finished: bool) -> dict[str, int]:
 
     The active jobs are counted from their partial index, at the cost of the backlog. The finished ones
     are every job retention keeps, a read of millions of rows on a busy deployment: the relay counts
-    them far less often (``worker_service/relay_metrics.py``).
+    them far less often (``worker_service/relay_metrics.py``). Each count names its statuses as well:
+    a row whose ``finished_at`` disagreed with its status would be missed, never counted twice.
     """
-    cur.execute(_COUNT_FINISHED if finished else _COUNT_ACTIVE)
-    counts = {status.value: 0 for status in JobStatus if (status in TERMINAL_STATUSES) == finished}
+    statuses = [status.value for status in JobStatus if (status in TERMINAL_STATUSES) == finished]
+    cur.execute(_COUNT_BY_STATUS.format("NOT NULL" if finished else "NULL"), {"statuses": statuses})
+    counts = dict.fromkeys(statuses, 0)
     counts.update({status: int(n) for status, n in cur.fetchall()})
     return counts
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -245,6 +246,26 @@ def test_retry_writes_the_next_attempts_outbox_row(db: Database, dsn: str) -> No
         )
         assert cur.fetchall() == [("retrying", "Boom", True)]
     assert claim(db, job_id) == attempt_store.NotClaimable(JobStatus.RETRYING, due_later=True)
+
+
+def test_a_retry_waits_for_a_job_another_transaction_holds(db: Database, dsn: str) -> None:
+    """Skipped, a job held for a moment (a concurrent retry of it, an operator's replay) was answered as
+    refused by the tenant's cap: a false 429."""
+    job_id = insert(db)
+    assert db.run(lambda cur: job_store.cancel_job(cur, job_id, TENANT)) is not None
+    holder = psycopg2.connect(dsn)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (str(job_id),))
+            release = threading.Timer(0.3, holder.rollback)
+            release.start()
+            moved, job = db.run(lambda c: job_store.retry_job(c, job_id, TENANT, max_active_jobs=10**6))
+            release.join()
+    finally:
+        holder.close()
+    assert moved
+    assert job is not None
+    assert job.status is JobStatus.QUEUED
 
 
 def due_ids(db: Database) -> set[uuid.UUID]:

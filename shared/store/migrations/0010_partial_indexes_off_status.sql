@@ -13,9 +13,12 @@
 -- and holds a lease exactly while it runs. The statements that read these indexes still name the
 -- statuses they want as well, so a row that broke that rule could only be missed, never taken for
 -- a status it is not in.
-
+--
+-- Each new index is built before the old one is dropped: a build blocks writes to jobs while it reads
+-- the table, and DROP INDEX takes a lock that blocks reads too, held until the migration commits.
+CREATE INDEX jobs_active_by_queue_0010 ON jobs (queue, run_at) WHERE finished_at IS NULL;
+CREATE INDEX jobs_running_by_lease_0010 ON jobs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 DROP INDEX jobs_active_by_queue;
-CREATE INDEX jobs_active_by_queue ON jobs (queue, run_at) WHERE finished_at IS NULL;
-
 DROP INDEX jobs_running_by_lease;
-CREATE INDEX jobs_running_by_lease ON jobs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+ALTER INDEX jobs_active_by_queue_0010 RENAME TO jobs_active_by_queue;
+ALTER INDEX jobs_running_by_lease_0010 RENAME TO jobs_running_by_lease;

@@ -12,5 +12,7 @@ CREATE INDEX idempotency_keys_by_job ON idempotency_keys (job_id);
 -- id) implied: with statistics gathered while those statuses were rare, Postgres read every retained
 -- finished job's entry to find one (72,000 rows read to keep 1). Keyed on finished_at alone, as
 -- migration 0010 did for the active and running jobs; pruning names the statuses as well.
+-- Built before the old one is dropped (see 0010).
+CREATE INDEX jobs_finished_by_time_0011 ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 DROP INDEX jobs_finished_by_time;
-CREATE INDEX jobs_finished_by_time ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+ALTER INDEX jobs_finished_by_time_0011 RENAME TO jobs_finished_by_time;
