@@ -6,9 +6,11 @@ that would start it (they never skip).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -227,6 +229,85 @@ def count_rows(dsn: str, table: str) -> int:
         row = cur.fetchone()
         assert row is not None
         return int(row[0])
+
+
+def active_counts(dsn: str, tenant: str = "default") -> tuple[int, int]:
+    """A tenant's active jobs: (the count the triggers keep, a recount of the rows)."""
+    with pg(dsn) as cur:
+        cur.execute("SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %s", (tenant,))
+        kept = cur.fetchone()
+        cur.execute(
+            "SELECT count(*) FROM jobs JOIN job_statuses USING (status) WHERE tenant = %s AND is_active",
+            (tenant,),
+        )
+        recount = cur.fetchone()
+        assert kept is not None
+        assert recount is not None
+        return int(kept[0]), int(recount[0])
+
+
+def insert_noops(settings: Any, count: int, *, keyed: bool = False, grace: float = 0.0) -> list[Any]:
+    """``count`` queued ``noop`` jobs of tenant ``default`` (one attempt each) in one statement, each with
+    an idempotency key if ``keyed``; their outbox rows held for ``grace`` seconds, as the API holds the
+    rows it publishes itself. Returns their ``NewRow``s."""
+    from shared.jobs import NewJob
+    from shared.store import Database
+    from shared.store import jobs as job_store
+
+    noop = NewJob(
+        type="noop", queue="default", payload={}, priority=5, max_attempts=1, timeout_seconds=60,
+        run_at=None, delay_seconds=0.0, labels={},
+    )  # fmt: skip
+
+    def key() -> Any:
+        return job_store.IdempotencyRecord(uuid.uuid4().hex, "f" * 64, 3600, 202) if keyed else None
+
+    rows = [job_store.NewRow(uuid.uuid4(), noop, key()) for _ in range(count)]
+    db = Database(settings)
+    try:
+        db.run(
+            lambda cur: job_store.insert_jobs(
+                cur, "default", rows, max_active_jobs=10**7, outbox_grace_seconds=grace
+            )
+        )
+    finally:
+        db.close()
+    return rows
+
+
+def executed_plans(
+    dsn: str, work: Callable[[Any], object], *, first: Callable[[Any], object] | None = None
+) -> list[str]:
+    """Run ``work(cursor)`` on a connection of its own and return the plans (``auto_explain``, with their
+    row counts) of every statement it executed, those of triggers and foreign keys' cascades included.
+    ``first(cursor)`` runs before on the same connection, unlogged (PL/pgSQL saves its plans then)."""
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            if first is not None:
+                first(cur)
+            cur.execute("LOAD 'auto_explain'")
+            cur.execute("SET auto_explain.log_min_duration = 0")
+            cur.execute("SET auto_explain.log_analyze = on")
+            cur.execute("SET auto_explain.log_nested_statements = on")
+            cur.execute("SET client_min_messages = log")  # the plans come back as notices, one each
+            conn.notices = collections.deque()  # every notice, not psycopg2's last 50
+            work(cur)
+            return list(conn.notices)
+    finally:
+        conn.close()
+
+
+def largest_step(plans: list[str]) -> int:
+    """The most rows any step of ``plans`` produced, or read and discarded (``Rows Removed by Filter``
+    or ``by Join Filter``: a scan that reads a whole index to keep a few rows, a nested loop that
+    compares every row of one side with every row of the other)."""
+    text = "".join(plans)
+    produced = [int(n) for n in re.findall(r"\(actual time=[\d.]+\.\.[\d.]+ rows=(\d+)", text)]
+    assert produced, f"no plan was logged: {text!r}"
+    discarded = [int(n) for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", text)]
+    return max(produced + discarded)
 
 
 # --- RabbitMQ --------------------------------------------------------------------------------------

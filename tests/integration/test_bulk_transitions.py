@@ -12,17 +12,15 @@ dead letters filed and removed, the active-job count against a recount, an illeg
 
 from __future__ import annotations
 
-import collections
 import re
 import uuid
 from collections.abc import Callable, Iterator
 
-import psycopg2
 import pytest
-from support import pg, scratch_database
+from support import active_counts, executed_plans, insert_noops, largest_step, pg, scratch_database
 
 from shared.errors import IllegalTransition
-from shared.jobs import WORKER_LOST, NewJob
+from shared.jobs import WORKER_LOST
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
@@ -34,10 +32,6 @@ TENANT = "default"
 ROWS = 2_000
 #: Above this many rows the triggers' joins run through EXECUTE (migration 0012).
 SAVED_PLAN_ROWS = 64
-ONCE = NewJob(
-    type="noop", queue="default", payload={}, priority=5, max_attempts=1, timeout_seconds=60,
-    run_at=None, delay_seconds=0.0, labels={},
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +42,7 @@ def fresh(settings: Settings, database: str) -> Iterator[Settings]:
 
 
 def insert_jobs(fresh: Settings, count: int) -> list[uuid.UUID]:
-    rows = [job_store.NewRow(uuid.uuid4(), ONCE, None) for _ in range(count)]
-    db = Database(fresh)
-    try:
-        db.run(
-            lambda cur: job_store.insert_jobs(
-                cur, TENANT, rows, max_active_jobs=10**7, outbox_grace_seconds=0
-            )
-        )
-    finally:
-        db.close()
-    return [row.job_id for row in rows]
+    return [row.job_id for row in insert_noops(fresh, count)]
 
 
 def claim_and_lose(cur: Cursor, job_ids: list[uuid.UUID]) -> list[uuid.UUID]:
@@ -85,21 +69,6 @@ def dead_letters(dsn: str, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
         return {uuid.UUID(job_id): error_type for job_id, error_type in cur.fetchall()}
 
 
-def active_counts(dsn: str) -> tuple[int, int]:
-    """The tenant's active jobs: (the count the triggers keep, a recount of the rows)."""
-    with pg(dsn) as cur:
-        cur.execute("SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %s", (TENANT,))
-        kept = cur.fetchone()
-        cur.execute(
-            "SELECT count(*) FROM jobs JOIN job_statuses USING (status) WHERE tenant = %s AND is_active",
-            (TENANT,),
-        )
-        recount = cur.fetchone()
-        assert kept is not None
-        assert recount is not None
-        return int(kept[0]), int(recount[0])
-
-
 Work = Callable[[Cursor], object]
 
 
@@ -108,27 +77,12 @@ def largest_trigger_step(dsn: str, first: Work, then: Work) -> int:
     then ``then(cursor)``; return the most rows any step of the plans the triggers' statements executed
     during ``then`` produced, or read and discarded (``Rows Removed by Join Filter``: a nested loop that
     compares every old row with every new one)."""
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            first(cur)
-            cur.execute("LOAD 'auto_explain'")
-            cur.execute("SET auto_explain.log_min_duration = 0")
-            cur.execute("SET auto_explain.log_analyze = on")
-            cur.execute("SET auto_explain.log_nested_statements = on")
-            cur.execute("SET client_min_messages = log")  # the plans come back as notices, one each
-            conn.notices = collections.deque()  # every notice, not psycopg2's last 50
-            then(cur)
-            plans = [plan for plan in conn.notices if re.search(r"\b(old|new)_rows\b", plan)]
-    finally:
-        conn.close()
+    plans = [
+        plan for plan in executed_plans(dsn, then, first=first) if re.search(r"\b(old|new)_rows\b", plan)
+    ]
     joins = [plan for plan in plans if "old_rows o JOIN new_rows n" in plan]
     assert len(joins) >= 3, f"the triggers' joins were not logged: {plans!r}"
-    text = "".join(plans)
-    produced = [int(n) for n in re.findall(r"\(actual time=[\d.]+\.\.[\d.]+ rows=(\d+)", text)]
-    discarded = [int(n) for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", text)]
-    return max(produced + discarded)
+    return largest_step(plans)
 
 
 def test_a_replay_of_thousands_after_a_single_retry_reads_each_row_a_few_times(fresh: Settings) -> None:

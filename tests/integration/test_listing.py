@@ -8,19 +8,15 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from support import pg, scratch_database
+from support import insert_noops, pg, scratch_database
 
-from shared.jobs import JobStatus, NewJob
+from shared.jobs import JobStatus
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
 from shared.store import jobs as job_store
 
 TENANT = "default"
-NOOP = NewJob(
-    type="noop", queue="default", payload={}, priority=5, max_attempts=1, timeout_seconds=60,
-    run_at=None, delay_seconds=0.0, labels={},
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +28,7 @@ def listed(settings: Settings, database: str) -> Iterator[tuple[str, dict[str, l
         try:
             ids: list[uuid.UUID] = []
             for _ in range(4):
-                rows = [job_store.NewRow(uuid.uuid4(), NOOP, None) for _ in range(6)]
-                db.run(
-                    lambda cur, rows=rows: job_store.insert_jobs(
-                        cur, TENANT, rows, max_active_jobs=10**6, outbox_grace_seconds=0
-                    )
-                )
-                ids += [row.job_id for row in rows]
+                ids += [row.job_id for row in insert_noops(fresh, 6)]
             running, succeeded = ids[1:12:2][:5], ids[12:18]
             db.run(lambda cur: attempt_store.write_round(cur, running + succeeded, 300, []))
             done = db.run(lambda cur: list(job_store.get_jobs(cur, succeeded, TENANT).values()))

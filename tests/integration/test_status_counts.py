@@ -6,10 +6,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from support import pg, scratch_database
+from support import insert_noops, pg, scratch_database
 
 from shared.errors import StoreUnavailable
-from shared.jobs import NewJob
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
@@ -18,18 +17,16 @@ from shared.store.db import Cursor
 from worker_service.relay_metrics import QueueStatsCollector
 
 TENANT = "default"
-NOOP = NewJob(
-    type="noop", queue="default", payload={}, priority=5, max_attempts=1, timeout_seconds=60,
-    run_at=None, delay_seconds=0.0, labels={},
-)  # fmt: skip
 
 
-def queued(db: Database, count: int) -> list[uuid.UUID]:
-    rows = [job_store.NewRow(uuid.uuid4(), NOOP, None) for _ in range(count)]
-    db.run(
-        lambda cur: job_store.insert_jobs(cur, TENANT, rows, max_active_jobs=10**6, outbox_grace_seconds=0)
-    )
-    return [row.job_id for row in rows]
+def queued(fresh: Settings, count: int) -> list[uuid.UUID]:
+    return [row.job_id for row in insert_noops(fresh, count)]
+
+
+def counts(dsn: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(the active statuses' counts, the finished ones')."""
+    with pg(dsn) as cur:
+        return job_store.count_by_status(cur, finished=False), job_store.count_by_status(cur, finished=True)
 
 
 def run(db: Database, claims: list[uuid.UUID], successes: list[uuid.UUID]) -> None:
@@ -51,14 +48,12 @@ def test_counts_by_status_are_split_into_active_and_finished(settings: Settings,
     with scratch_database(settings, "status_counts") as fresh:
         db = Database(fresh)
         try:
-            ids = queued(db, 5)
+            ids = queued(fresh, 5)
             run(db, ids[:3], [])
             run(db, [], ids[:1])
-            with pg(fresh.database_url) as cur:
-                active = job_store.count_by_status(cur, finished=False)
-                finished = job_store.count_by_status(cur, finished=True)
         finally:
             db.close()
+        active, finished = counts(fresh.database_url)
     assert active == {"queued": 2, "retrying": 0, "running": 2}
     assert finished == {"succeeded": 1, "failed": 0, "cancelled": 0}
 
@@ -70,15 +65,10 @@ def test_a_row_whose_finish_time_disagrees_with_its_status_is_never_counted_unde
     Such a row is left out of both counts: merged, the finished count's ``queued`` had replaced the
     active count's."""
     with scratch_database(settings, "status_counts_odd") as fresh:
-        db = Database(fresh)
-        try:
-            ids = queued(db, 3)
-            with pg(fresh.database_url) as cur:
-                cur.execute("UPDATE jobs SET finished_at = now() WHERE id = %s", (str(ids[0]),))
-                active = job_store.count_by_status(cur, finished=False)
-                finished = job_store.count_by_status(cur, finished=True)
-        finally:
-            db.close()
+        ids = queued(fresh, 3)
+        with pg(fresh.database_url) as cur:
+            cur.execute("UPDATE jobs SET finished_at = now() WHERE id = %s", (str(ids[0]),))
+        active, finished = counts(fresh.database_url)
     assert active == {"queued": 2, "retrying": 0, "running": 0}
     assert finished == {"succeeded": 0, "failed": 0, "cancelled": 0}
 
@@ -89,7 +79,7 @@ def test_the_relay_counts_finished_jobs_less_often_than_active_ones(
     with scratch_database(settings, "finished_counts") as fresh:
         db = Database(fresh)
         try:
-            ids = queued(db, 2)
+            ids = queued(fresh, 2)
             run(db, ids, [])
             run(db, [], ids[:1])
             collector = QueueStatsCollector(fresh, db, finished_counts_seconds=3600)
@@ -98,7 +88,7 @@ def test_the_relay_counts_finished_jobs_less_often_than_active_ones(
                 "queued": 0, "retrying": 0, "running": 1, "succeeded": 1, "failed": 0, "cancelled": 0
             }  # fmt: skip
             run(db, [], ids[1:])
-            queued(db, 1)
+            queued(fresh, 1)
             collector.refresh()
             counted = jobs_gauge(collector)
             assert (counted["queued"], counted["running"]) == (1, 0), "active statuses: every refresh"
@@ -128,7 +118,7 @@ def test_a_finished_count_that_fails_leaves_the_queue_figures_and_waits_its_turn
     with scratch_database(settings, "finished_timeout") as fresh:
         db = Database(fresh)
         try:
-            queued(db, 3)
+            queued(fresh, 3)
             monkeypatch.setattr(job_store, "count_by_status", timing_out)
             collector = QueueStatsCollector(fresh, db, finished_counts_seconds=3600)
             collector.refresh()

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from support import pg
+from support import active_counts, pg
 
 from shared.errors import IllegalTransition
 from shared.jobs import TRANSITIONS, JobError, JobStatus, NewJob, transition_rows
@@ -435,21 +435,6 @@ def test_a_row_a_relay_is_publishing_does_not_count_as_the_new_message(db: Datab
     with pg(dsn) as cur:
         cur.execute("SELECT count(*) FROM outbox WHERE job_id = %s", (str(job_id),))
         assert cur.fetchone() == (1,), "the job still has a message to come"
-
-
-def active_counts(dsn: str) -> tuple[int, int]:
-    """The tenant's active jobs: (the count the triggers keep, a recount of the rows)."""
-    with pg(dsn) as cur:
-        cur.execute("SELECT COALESCE(sum(jobs), 0) FROM tenant_active_jobs WHERE tenant = %s", (TENANT,))
-        kept = cur.fetchone()
-        cur.execute(
-            "SELECT count(*) FROM jobs JOIN job_statuses USING (status) WHERE tenant = %s AND is_active",
-            (TENANT,),
-        )
-        recount = cur.fetchone()
-        assert kept is not None
-        assert recount is not None
-        return int(kept[0]), int(recount[0])
 
 
 def dead_letter_jobs(dsn: str, job_ids: list[uuid.UUID]) -> set[str]:

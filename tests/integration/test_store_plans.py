@@ -13,14 +13,13 @@ The relay's outbox poll reads the rows it can take, not those backing off ahead 
 
 from __future__ import annotations
 
-import collections
-import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg2
 import pytest
-from support import pg, scratch_database
+from support import executed_plans, insert_noops, largest_step, pg, scratch_database
 
 from shared.jobs import JobError, JobStatus, NewJob
 from shared.messages import Dispatch
@@ -53,7 +52,7 @@ def fill(fresh: Settings, count: int = ROWS) -> tuple[str, list[str], list[uuid.
     with pg(fresh.database_url) as cur:
         for table in ("jobs", "idempotency_keys", "outbox"):
             cur.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
-    rows = insert_noops(fresh, count)
+    rows = insert_noops(fresh, count, keyed=True)
     with pg(fresh.database_url) as cur:
         cur.execute("SELECT reltuples FROM pg_class WHERE relname IN ('jobs', 'idempotency_keys')")
         assert {row[0] for row in cur.fetchall()} == {-1}, "the tables must never have been analyzed"
@@ -61,50 +60,9 @@ def fill(fresh: Settings, count: int = ROWS) -> tuple[str, list[str], list[uuid.
     return fresh.database_url, keys, [row.job_id for row in rows]
 
 
-def insert_noops(fresh: Settings, count: int, *, grace: float = 0) -> list[job_store.NewRow]:
-    """``count`` queued noop jobs of TENANT, each with an idempotency key; their outbox rows are held
-    for ``grace`` seconds, as the API holds the rows it publishes itself."""
-    rows = [
-        job_store.NewRow(
-            uuid.uuid4(), NOOP, job_store.IdempotencyRecord(uuid.uuid4().hex, "f" * 64, 3600, 202)
-        )
-        for _ in range(count)
-    ]
-    db = Database(fresh)
-    try:
-        db.run(
-            lambda cur: job_store.insert_jobs(
-                cur, TENANT, rows, max_active_jobs=10**6, outbox_grace_seconds=grace
-            )
-        )
-    finally:
-        db.close()
-    return rows
-
-
-def largest_plan_step(dsn: str, lookup: object) -> int:
-    """Run ``lookup(cursor)`` and return the most rows any step of its executed plan produced, or read
-    and discarded (``Rows Removed by Filter``: a scan that reads a whole index to keep a few rows)."""
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    conn.notices = collections.deque()  # every notice: psycopg2 keeps the last 50 of a plain list
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LOAD 'auto_explain'")
-            cur.execute("SET auto_explain.log_min_duration = 0")
-            cur.execute("SET auto_explain.log_analyze = on")
-            # The statements of triggers and of foreign keys' cascades too.
-            cur.execute("SET auto_explain.log_nested_statements = on")
-            cur.execute("SET client_min_messages = log")  # the plans come back as notices
-            conn.notices.clear()
-            lookup(cur)  # type: ignore[operator]
-            plans = "".join(conn.notices)
-    finally:
-        conn.close()
-    produced = [int(n) for n in re.findall(r"\(actual time=[\d.]+\.\.[\d.]+ rows=(\d+)", plans)]
-    assert produced, f"no plan was logged: {plans!r}"
-    discarded = [int(n) for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", plans)]
-    return max(produced + discarded)
+def largest_plan_step(dsn: str, lookup: Callable[[Any], object]) -> int:
+    """Run ``lookup(cursor)``; the most rows any step of its executed plans produced or discarded."""
+    return largest_step(executed_plans(dsn, lookup))
 
 
 def test_finding_keys_probes_each_key_not_the_tenants_keys(
@@ -169,7 +127,7 @@ def test_a_round_probes_its_jobs_when_statistics_say_none_is_active(
             done = job_store.get_jobs(cur, finished, TENANT).values()
             attempt_store.write_round(cur, [], 300, [(job, "null") for job in done])
             cur.execute("VACUUM (ANALYZE) jobs")  # statistics: every job finished
-        backlog = [row.job_id for row in insert_noops(fresh, 2_000)]
+        backlog = [row.job_id for row in insert_noops(fresh, 2_000, keyed=True)]
         with pg(dsn) as cur:
             attempt_store.write_round(cur, backlog[:8], 300, [])
             running = list(job_store.get_jobs(cur, backlog[:8], TENANT).values())
@@ -217,16 +175,14 @@ def test_retries_listings_and_pruning_read_what_they_touch(settings: Settings, d
         assert steps <= 2, f"retrying one job: a step produced or discarded {steps} rows"
         with pg(dsn) as cur:  # statistics: every job finished; then a burst
             cur.execute("VACUUM (ANALYZE) jobs")
-        insert_noops(fresh, 1_500)
+        insert_noops(fresh, 1_500, keyed=True)
         one = job_store.JobFilter(TENANT, statuses=(JobStatus.QUEUED,))
         two = job_store.JobFilter(TENANT, statuses=(JobStatus.QUEUED, JobStatus.RETRYING))
         for wanted in (one, two):
             page: list[object] = []
 
-            def list_page(
-                cur: object, page: list[object] = page, wanted: job_store.JobFilter = wanted
-            ) -> None:
-                page.extend(job_store.list_jobs(cur, wanted, 51))  # type: ignore[arg-type]
+            def list_page(cur: Any, page: list[object] = page, wanted: job_store.JobFilter = wanted) -> None:
+                page.extend(job_store.list_jobs(cur, wanted, 51))
 
             steps = largest_plan_step(dsn, list_page)
             assert len(page) == 51
@@ -252,7 +208,7 @@ def test_the_relays_poll_reads_its_due_rows_not_the_rows_backing_off(
             unconfirmed = [d.outbox_id for d in outbox_store.take_due(cur, limit=len(failed))]
             assert len(unconfirmed) == len(failed)
             outbox_store.record_publish_error(cur, unconfirmed, "broker unavailable", 3600)
-        insert_noops(fresh, 1_000, grace=3600)  # the API publishing them itself
+        insert_noops(fresh, 1_000, keyed=True, grace=3600)  # the API publishing them itself
 
         def poll(due: list[job_store.NewRow]) -> None:
             taken: list[Dispatch] = []
@@ -261,7 +217,7 @@ def test_the_relays_poll_reads_its_due_rows_not_the_rows_backing_off(
             assert steps <= len(due), f"{len(due)} rows due: a step read {steps} rows"
 
         poll([])  # everything backing off or held: nothing to read
-        due = insert_noops(fresh, 10)
+        due = insert_noops(fresh, 10, keyed=True)
         poll(due)
         with pg(dsn) as cur:  # statistics taken during the outage
             cur.execute("VACUUM (ANALYZE) outbox, jobs")
