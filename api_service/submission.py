@@ -9,6 +9,8 @@ Order of checks, so that no limit ever turns into a stored response:
 2. the tenant's rate bucket gives a token, or the request gets 429 ``rate-limited``;
 3. in one transaction: the key's lock (409 if another request holds it), a last look for a stored
    response, then the insert, which refuses (429 ``too-many-active-jobs``) if the tenant is at its cap.
+   A batch takes no lock per key; its insert waits for a key another request is writing
+   (``submit_batch``).
 """
 
 from __future__ import annotations
@@ -227,9 +229,15 @@ def submit_batch(
 
     Like single submissions: items whose key is already stored are replayed first and cost no token;
     the rest take one token each, all or none (a 429 for the whole batch); then one transaction
-    inserts them, an item whose key another request holds getting a 409, and items beyond the
-    tenant's cap a 429 each. A key repeated in the batch replays the job of its first item. Messages
-    are published after COMMIT. Each step is one statement for the whole batch.
+    inserts them, items beyond the tenant's cap getting a 429 each. A key repeated in the batch
+    replays the job of its first item. Messages are published after COMMIT. Each step is one
+    statement for the whole batch.
+
+    Unlike a single submission, a batch takes no advisory lock per key: 1,000 of them, in a few
+    concurrent batches, would fill Postgres' shared lock table, and every session of the server would
+    then fail to take a lock ("out of shared memory"). The key's unique index serializes instead: an
+    item whose key another request is writing waits for that request, then replays its job (or is
+    refused as reused), never a 409.
     """
     db, settings = svc.db, svc.settings
     results = {item.index: ItemResult(item.index) for item in items}
@@ -258,15 +266,10 @@ def submit_batch(
     def write(cur: Cursor) -> list[Dispatch]:
         for item in fresh:  # from scratch if the pool retries this on a fresh connection
             results[item.index] = ItemResult(item.index)
-        locked = key_store.try_lock_many(cur, tenant, [i.idempotent.key for i in fresh if i.idempotent])
-        for item in fresh:
-            if item.idempotent is not None and item.idempotent.key not in locked:
-                results[item.index].refusal = IdempotencyKeyInFlight(KEY_IN_FLIGHT)
-        replay_stored(cur, open_items())  # stored meanwhile, before this transaction took the locks
         rows: list[tuple[BatchItem, job_store.NewRow]] = []
         repeats: list[tuple[BatchItem, BatchItem]] = []
         first_with_key: dict[str, BatchItem] = {}
-        for item in open_items():
+        for item in fresh:
             record = None
             if item.idempotent is not None:
                 first = first_with_key.setdefault(item.idempotent.key, item)
@@ -285,14 +288,21 @@ def submit_batch(
             outbox_grace_seconds=settings.outbox_grace_seconds, request_id=request_id,
         )  # fmt: skip
         dispatches = []
+        left_out = []
         for (item, _), outcome in zip(rows, inserted, strict=True):
             if outcome is None:
-                results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
+                left_out.append(item)
                 continue
             job, dispatch = outcome
             results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
             if dispatch is not None:
                 dispatches.append(dispatch)
+        # Left out: its key was stored by another request meanwhile (the insert waited for that
+        # request's COMMIT), so it replays; or beyond the tenant's cap.
+        replay_stored(cur, [item for item in left_out if item.idempotent is not None])
+        for item in left_out:
+            if results[item.index].submission is None and results[item.index].refusal is None:
+                results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
         for item, first in repeats:
             assert item.idempotent is not None
             assert first.idempotent is not None

@@ -19,27 +19,10 @@ class StoredKey:
 
 
 def lock_id(tenant: str, key: str) -> int:
-    """A signed 64-bit advisory lock id for the tenant's key (collisions only cost a spurious 409)."""
+    """A signed 64-bit advisory lock id for the tenant's key, taken by a single submission (collisions
+    only cost a spurious 409). Batches take none (``api_service.submission.submit_batch``)."""
     digest = hashlib.sha256(b"conveyor-idempotency\0" + tenant.encode() + b"\0" + key.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def try_lock_many(cur: Cursor, tenant: str, keys: Sequence[str]) -> set[str]:
-    """Take each key's transaction-scoped lock, in one statement; returns the keys now held by this
-    transaction, leaving out those another request holds (a key repeated in ``keys`` is held once
-    taken: the locks are re-entrant).
-
-    A lock lives until COMMIT or ROLLBACK, including when the process dies, so a key can never be
-    left "in flight" by a crash.
-    """
-    if not keys:
-        return set()
-    cur.execute(
-        "SELECT key FROM unnest(%s::text[], %s::bigint[]) AS k(key, lock_id)"
-        " WHERE pg_try_advisory_xact_lock(lock_id)",
-        (list(keys), [lock_id(tenant, key) for key in keys]),
-    )
-    return {row[0] for row in cur.fetchall()}
 
 
 def find_live_many(cur: Cursor, tenant: str, keys: Sequence[str]) -> dict[str, StoredKey]:

@@ -76,7 +76,10 @@ class NewRow:
 # from the job's start (``run_at``, at the earliest now): a scheduled job keeps its key until then. A
 # job due now has its outbox row held for the grace period, so that the relay leaves it to the API,
 # which publishes it right after COMMIT. The key row names a job inserted later in the same statement:
-# the foreign key is checked when the statement ends.
+# the foreign key is checked when the statement ends. A key that another transaction is writing makes
+# the insert wait for that transaction: if it commits, the key is live, so the job is not inserted
+# (the caller reads the key and replays it); if it rolls back, the insert goes ahead. The unique index
+# is the key's lock, and it takes no room in Postgres' lock table, whatever the number of keys.
 _INSERTS = f"""
     item AS (
         -- starts_at: when the job may first run (its run_at, or now plus its delay; never in the past)
@@ -91,6 +94,7 @@ _INSERTS = f"""
         SELECT %(tenant)s, key, fingerprint, id, key_status, starts_at + key_ttl * interval '1 second'
         FROM item
         WHERE key IS NOT NULL AND {{admit}}
+        ORDER BY key  -- concurrent batches wait for each other's keys in one order, never in a cycle
         ON CONFLICT (tenant, key) DO UPDATE
             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
                 response_status = EXCLUDED.response_status, created_at = now(),
@@ -192,10 +196,11 @@ def insert_jobs(
     request_id: str | None = None,
 ) -> list[tuple[Job, Dispatch | None] | None]:
     """Insert a batch's jobs with their outbox rows and keys in one statement, inside the caller's
-    transaction (the caller holds the keys' locks and found none of them stored).
+    transaction (keys are distinct; the caller found none of them stored).
 
-    Returns, in order, each job and its dispatch (if due now), or None for the jobs beyond the
-    tenant's cap of active jobs, which are not inserted.
+    Returns, in order, each job and its dispatch (if due now), or None for a job not inserted: beyond
+    the tenant's cap of active jobs, or its key stored by another request meanwhile (this statement
+    waited for that request's COMMIT; see ``_INSERTS``).
     """
     if not rows:
         return []

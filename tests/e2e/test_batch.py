@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg2
 import pytest
 import requests
-from conftest import Keys
-from support import ROOT, ApiClient, count_rows, new_key, pg
+from conftest import TEST_TENANT, Keys
+from support import ROOT, ApiClient, count_rows, new_key, pg, wait_for
+
+from api_service.batch import SINGLE_SUBMIT_PATH
+from api_service.idempotency import fingerprint
+from shared.job_types import REGISTRY
+from shared.jobs import NewJob
+from shared.store import jobs as job_store
 
 pytestmark = pytest.mark.e2e
 
@@ -121,3 +131,124 @@ def test_concurrent_batches_of_one_tenant_all_go_through(api: ApiClient, dsn: st
     with pg(dsn) as cur:
         cur.execute("SELECT count(*) FROM jobs WHERE labels @> %s", (json.dumps({"run": run}),))
         assert cur.fetchone() == (1600,)
+
+
+@contextmanager
+def lock_table_nearly_full(dsn: str, room: int) -> Iterator[None]:
+    """Fill Postgres' shared lock table with session advisory locks, all but about ``room`` entries."""
+    holder = psycopg2.connect(dsn)
+    holder.autocommit = True
+    try:
+        with holder.cursor() as cur:
+            first = 1 << 40  # far from any lock id Conveyor or the tests take
+            while True:
+                try:
+                    cur.execute("SELECT count(pg_advisory_lock(g)) FROM generate_series(%s, %s) g",
+                                (first, first + 499))  # fmt: skip
+                except psycopg2.errors.OutOfMemory:
+                    break  # full: the locks taken before the error stay (session locks)
+                first += 500
+            cur.execute("SELECT count(pg_advisory_unlock(g)) FROM generate_series(%s, %s) g",
+                        (first - room, first - 1))  # fmt: skip
+            yield
+    finally:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock_all()")
+        holder.close()
+
+
+def test_a_keyed_batch_needs_no_lock_per_key(api: ApiClient, dsn: str) -> None:
+    """1,000 advisory locks per keyed batch filled Postgres' shared lock table with a few concurrent
+    batches, and every session of the server then failed ("out of shared memory"). Here the table is
+    left with room for a few hundred locks: the batch of 1,000 keyed jobs must still go through."""
+    run = str(uuid.uuid4())
+    jobs = [{"type": "noop", "delay_seconds": 3600, "labels": {"run": run}, "idempotency_key": new_key()}
+            for _ in range(1000)]  # fmt: skip
+    with lock_table_nearly_full(dsn, room=300):
+        response = batch(api, jobs)
+    assert response.status_code == 200, response.text
+    assert response.json()["created"] == 1000
+
+
+@pytest.mark.parametrize("via", ["batch", "single"])
+def test_a_key_another_batch_is_writing_is_waited_for_then_replayed(
+    api: ApiClient, dsn: str, via: str
+) -> None:
+    """Another batch has written the key and not committed yet: a batch item with that key, or a single
+    submission, waits for it and replays its job. (Before, a batch item had no lock to tell it the key
+    was taken, and was refused as if the tenant were at its cap.)"""
+    key, other = new_key(), new_key()
+    item: dict[str, Any] = {"type": "noop", "delay_seconds": 3600}
+    new = NewJob("noop", REGISTRY["noop"].queue, {}, 5, 3, 60, None, 3600.0, {})
+    record = job_store.IdempotencyRecord(key, fingerprint("POST", SINGLE_SUBMIT_PATH, item), 3600, 202)
+    answer: list[requests.Response] = []
+
+    def send() -> None:
+        if via == "single":
+            answer.append(api.submit(item, key=key))
+        else:
+            answer.append(batch(api, [{**item, "idempotency_key": key}, {**item, "idempotency_key": other}]))
+
+    holder = psycopg2.connect(dsn)  # the other batch, inside its transaction
+    try:
+        with holder.cursor() as cur:
+            [written] = job_store.insert_jobs(
+                cur, TEST_TENANT, [job_store.NewRow(uuid.uuid4(), new, record)], max_active_jobs=10**6,
+                outbox_grace_seconds=0,
+            )  # fmt: skip
+            assert written is not None
+            sender = threading.Thread(target=send)
+            sender.start()
+            wait_for(lambda: blocked_by(dsn, holder.get_backend_pid()), timeout=10,
+                     what="the request to wait for the key")  # fmt: skip
+        holder.commit()
+        sender.join(timeout=30)
+    finally:
+        holder.close()
+    [response] = answer
+    if via == "single":
+        assert response.status_code == 202, response.text
+        assert (response.headers.get("Idempotent-Replayed"), response.json()["id"]) == (
+            "true",
+            str(written[0].id),
+        )
+        return
+    assert response.status_code == 200, response.text
+    first, second = response.json()["results"]
+    assert (first["status"], first["replayed"], first["job"]["id"]) == (202, True, str(written[0].id))
+    assert (second["status"], second["replayed"]) == (202, False)
+
+
+def blocked_by(dsn: str, pid: int) -> bool:
+    """Whether some session waits for a lock that the session ``pid`` holds."""
+    with pg(dsn) as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,))
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def test_concurrent_batches_sharing_keys_in_opposite_orders_create_each_job_once(
+    api: ApiClient, dsn: str
+) -> None:
+    """Batches wait for each other's keys; taken in one order (sorted), they never wait in a cycle."""
+    run = str(uuid.uuid4())
+    keys = [new_key() for _ in range(200)]
+    item: dict[str, Any] = {"type": "noop", "delay_seconds": 3600, "labels": {"run": run}}
+
+    def send(n: int) -> dict[str, str]:
+        ordered = keys if n % 2 else keys[::-1]
+        with requests.Session() as session:
+            session.headers["Authorization"] = api.session.headers["Authorization"]
+            jobs = [{**item, "idempotency_key": k} for k in ordered]
+            response = session.post(f"{api.base_url}/v1/jobs/batch", json={"jobs": jobs}, timeout=60)
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert {r["status"] for r in results} == {202}, [r["problem"] for r in results if r["problem"]]
+        return {key: r["job"]["id"] for key, r in zip(ordered, results, strict=True)}
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert all(answer == answers[0] for answer in answers), "every batch names the same job per key"
+    with pg(dsn) as cur:
+        cur.execute("SELECT count(*) FROM jobs WHERE labels @> %s", (json.dumps({"run": run}),))
+        assert cur.fetchone() == (200,)
