@@ -8,7 +8,8 @@ Semantics (enforced by ``api_service.submission``):
   ``Idempotent-Replayed: true``;
 - the same key with a different request: 422 ``idempotency-key-reused``;
 - the same key while the first request is still being processed: 409 ``idempotency-key-in-flight``
-  with ``Retry-After``.
+  with ``Retry-After`` (between single submissions; a key a batch is writing is waited for, then
+  replayed: ``api_service.submission.submit_batch``).
 
 Only successful submissions are remembered: a validation error, a 503 or a 5xx leaves nothing behind,
 so fixing the request and retrying with the same key works.

@@ -231,19 +231,20 @@ def submit_batch(
     the rest take one token each, all or none (a 429 for the whole batch); then one transaction
     inserts them, items beyond the tenant's cap getting a 429 each. A key repeated in the batch
     replays the job of its first item. Messages are published after COMMIT. Each step is one
-    statement for the whole batch.
+    statement for the whole batch, except when another request stored some of its keys meanwhile
+    (below): then the transaction reads those keys, and may insert a second time.
 
     Unlike a single submission, a batch takes no advisory lock per key: 1,000 of them, in a few
     concurrent batches, would fill Postgres' shared lock table, and every session of the server would
     then fail to take a lock ("out of shared memory"). The key's unique index serializes instead: an
     item whose key another request is writing waits for that request, then replays its job (or is
-    refused as reused), never a 409.
+    refused as reused), never a 409. An item beyond the tenant's cap is refused without waiting.
     """
     db, settings = svc.db, svc.settings
     results = {item.index: ItemResult(item.index) for item in items}
 
-    def replay_stored(cur: Cursor, candidates: list[BatchItem]) -> None:
-        """Replay (or refuse as reused) the candidates whose key is stored."""
+    def replay_stored(cur: Cursor, candidates: list[BatchItem]) -> int:
+        """Replay (or refuse as reused) the candidates whose key is stored; how many keys were."""
         keys = [i.idempotent.key for i in candidates if i.idempotent is not None]
         live = key_store.find_live_many(cur, tenant, keys)
         jobs = job_store.get_jobs(cur, [stored.job_id for stored in live.values()], tenant)
@@ -255,12 +256,13 @@ def submit_batch(
                 results[item.index].submission = _replay(stored, item.idempotent, jobs.get(stored.job_id))
             except IdempotencyKeyReused as exc:
                 results[item.index].refusal = exc
+        return len(live)
 
-    def open_items() -> list[BatchItem]:
-        return [i for i in items if results[i.index].submission is None and results[i.index].refusal is None]
+    def is_open(item: BatchItem) -> bool:
+        return results[item.index].submission is None and results[item.index].refusal is None
 
     db.read(lambda cur: replay_stored(cur, items))
-    fresh = open_items()
+    fresh = [item for item in items if is_open(item)]
     rate = _take_tokens(db, tenant, limits, len(fresh)) if fresh else None
 
     def write(cur: Cursor) -> list[Dispatch]:
@@ -283,27 +285,39 @@ def submit_batch(
                     ACCEPTED,
                 )
             rows.append((item, job_store.NewRow(uuid.uuid4(), item.new, record)))
-        inserted = job_store.insert_jobs(
-            cur, tenant, [row for _, row in rows], max_active_jobs=limits.max_active_jobs,
-            outbox_grace_seconds=settings.outbox_grace_seconds, request_id=request_id,
-        )  # fmt: skip
-        dispatches = []
-        left_out = []
-        for (item, _), outcome in zip(rows, inserted, strict=True):
-            if outcome is None:
-                left_out.append(item)
-                continue
-            job, dispatch = outcome
-            results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
-            if dispatch is not None:
-                dispatches.append(dispatch)
-        # Left out: its key was stored by another request meanwhile (the insert waited for that
-        # request's COMMIT), so it replays; or beyond the tenant's cap.
-        replay_stored(cur, [item for item in left_out if item.idempotent is not None])
-        for item in left_out:
-            if results[item.index].submission is None and results[item.index].refusal is None:
-                results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
+        dispatches: list[Dispatch] = []
+        for attempt in (1, 2):
+            inserted = job_store.insert_jobs(
+                cur, tenant, [row for _, row in rows], max_active_jobs=limits.max_active_jobs,
+                outbox_grace_seconds=settings.outbox_grace_seconds, request_id=request_id,
+            )  # fmt: skip
+            left_out = []
+            for (item, row), outcome in zip(rows, inserted, strict=True):
+                if outcome is None:
+                    left_out.append((item, row))
+                    continue
+                job, dispatch = outcome
+                results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
+                if dispatch is not None:
+                    dispatches.append(dispatch)
+            # Left out: beyond the tenant's cap, or its key stored by another request meanwhile (the
+            # insert waited for that request's COMMIT). Such a key replays, and so does a repeat of it
+            # (whose body may be the one stored). Each took a place under the cap: if any did, the
+            # items refused for the cap after it try once more.
+            waited = {item.idempotent.key for item, _ in left_out if item.idempotent is not None}
+            candidates = [item for item, _ in left_out if item.idempotent is not None]
+            candidates += [
+                item for item, first in repeats if first.idempotent and first.idempotent.key in waited
+            ]
+            found = replay_stored(cur, candidates) if candidates else 0
+            rows = [(item, row) for item, row in left_out if is_open(item)]
+            if not rows or not found or attempt == 2:
+                break
+        for item, _ in rows:
+            results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
         for item, first in repeats:
+            if not is_open(item):
+                continue  # replayed above: the key was stored with its body
             assert item.idempotent is not None
             assert first.idempotent is not None
             original = results[first.index]

@@ -134,40 +134,66 @@ def test_concurrent_batches_of_one_tenant_all_go_through(api: ApiClient, dsn: st
 
 
 @contextmanager
-def lock_table_nearly_full(dsn: str, room: int) -> Iterator[None]:
-    """Fill Postgres' shared lock table with session advisory locks, all but about ``room`` entries."""
+def key_being_written(dsn: str, key: str, item: dict[str, Any]) -> Iterator[tuple[Any, job_store.Job]]:
+    """Another request (a batch, inside its transaction) has written ``key`` for the job ``item``
+    describes and not committed yet. Yields its connection, to commit, and its job."""
+    new = NewJob("noop", REGISTRY["noop"].queue, {}, 5, 3, 60, None, float(item["delay_seconds"]),
+                 item.get("labels", {}))  # fmt: skip
+    record = job_store.IdempotencyRecord(key, fingerprint("POST", SINGLE_SUBMIT_PATH, item), 3600, 202)
     holder = psycopg2.connect(dsn)
-    holder.autocommit = True
     try:
         with holder.cursor() as cur:
-            first = 1 << 40  # far from any lock id Conveyor or the tests take
-            while True:
-                try:
-                    cur.execute("SELECT count(pg_advisory_lock(g)) FROM generate_series(%s, %s) g",
-                                (first, first + 499))  # fmt: skip
-                except psycopg2.errors.OutOfMemory:
-                    break  # full: the locks taken before the error stay (session locks)
-                first += 500
-            cur.execute("SELECT count(pg_advisory_unlock(g)) FROM generate_series(%s, %s) g",
-                        (first - room, first - 1))  # fmt: skip
-            yield
+            [written] = job_store.insert_jobs(
+                cur, TEST_TENANT, [job_store.NewRow(uuid.uuid4(), new, record)], max_active_jobs=10**6,
+                outbox_grace_seconds=0,
+            )  # fmt: skip
+        assert written is not None
+        yield holder, written[0]
     finally:
-        with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock_all()")
-        holder.close()
+        holder.close()  # rolls back unless committed
 
 
-def test_a_keyed_batch_needs_no_lock_per_key(api: ApiClient, dsn: str) -> None:
-    """1,000 advisory locks per keyed batch filled Postgres' shared lock table with a few concurrent
-    batches, and every session of the server then failed ("out of shared memory"). Here the table is
-    left with room for a few hundred locks: the batch of 1,000 keyed jobs must still go through."""
-    run = str(uuid.uuid4())
-    jobs = [{"type": "noop", "delay_seconds": 3600, "labels": {"run": run}, "idempotency_key": new_key()}
-            for _ in range(1000)]  # fmt: skip
-    with lock_table_nearly_full(dsn, room=300):
-        response = batch(api, jobs)
+def waiting_submissions(dsn: str) -> list[int]:
+    """The sessions of Conveyor's API whose submission statement waits for a lock."""
+    with pg(dsn) as cur:
+        cur.execute(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            " AND (query LIKE 'EXECUTE conveyor_insert_jobs%%' OR query LIKE 'EXECUTE conveyor_submit%%')"
+        )
+        return [row[0] for row in cur.fetchall()]
+
+
+def in_background(send: Any) -> tuple[threading.Thread, list[Any]]:
+    answers: list[Any] = []
+    thread = threading.Thread(target=lambda: answers.append(send()))
+    thread.start()
+    return thread, answers
+
+
+def test_a_keyed_batch_holds_a_handful_of_locks_not_one_per_key(api: ApiClient, dsn: str) -> None:
+    """A batch used to take an advisory lock per keyed job, 1,000 for a full batch, held until COMMIT:
+    a dozen concurrent batches filled Postgres' shared lock table, and every session of the server
+    then failed ("out of shared memory"). Stopped by a key that sorts last, the batch has written all
+    its other keys and jobs: it must hold a few locks, whatever its size."""
+    item: dict[str, Any] = {"type": "noop", "delay_seconds": 3600}
+    last = "zzzz-" + new_key()
+    jobs = [{**item, "idempotency_key": k} for k in [*(new_key() for _ in range(999)), last]]
+    with key_being_written(dsn, last, item) as (holder, written):
+        sender, answer = in_background(lambda: batch(api, jobs))
+        [waiting] = wait_for(lambda: waiting_submissions(dsn), timeout=20, what="the batch to wait")
+        with pg(dsn) as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE pid = %s", (waiting,))
+            held = cur.fetchone()
+        holder.commit()
+        sender.join(timeout=30)
+    assert held is not None
+    assert held[0] < 50, f"the waiting batch holds {held[0]} locks"
+    assert not sender.is_alive()
+    [response] = answer
     assert response.status_code == 200, response.text
-    assert response.json()["created"] == 1000
+    body = response.json()
+    assert (body["created"], body["replayed"]) == (999, 1)
+    assert body["results"][-1]["job"]["id"] == str(written.id)
 
 
 @pytest.mark.parametrize("via", ["batch", "single"])
@@ -179,76 +205,62 @@ def test_a_key_another_batch_is_writing_is_waited_for_then_replayed(
     was taken, and was refused as if the tenant were at its cap.)"""
     key, other = new_key(), new_key()
     item: dict[str, Any] = {"type": "noop", "delay_seconds": 3600}
-    new = NewJob("noop", REGISTRY["noop"].queue, {}, 5, 3, 60, None, 3600.0, {})
-    record = job_store.IdempotencyRecord(key, fingerprint("POST", SINGLE_SUBMIT_PATH, item), 3600, 202)
-    answer: list[requests.Response] = []
 
-    def send() -> None:
+    def send() -> requests.Response:
         if via == "single":
-            answer.append(api.submit(item, key=key))
-        else:
-            answer.append(batch(api, [{**item, "idempotency_key": key}, {**item, "idempotency_key": other}]))
+            return api.submit(item, key=key)
+        return batch(api, [{**item, "idempotency_key": key}, {**item, "idempotency_key": other}])
 
-    holder = psycopg2.connect(dsn)  # the other batch, inside its transaction
-    try:
-        with holder.cursor() as cur:
-            [written] = job_store.insert_jobs(
-                cur, TEST_TENANT, [job_store.NewRow(uuid.uuid4(), new, record)], max_active_jobs=10**6,
-                outbox_grace_seconds=0,
-            )  # fmt: skip
-            assert written is not None
-            sender = threading.Thread(target=send)
-            sender.start()
-            wait_for(lambda: blocked_by(dsn, holder.get_backend_pid()), timeout=10,
-                     what="the request to wait for the key")  # fmt: skip
+    with key_being_written(dsn, key, item) as (holder, written):
+        sender, answer = in_background(send)
+        wait_for(lambda: waiting_submissions(dsn), timeout=10, what="the request to wait for the key")
         holder.commit()
         sender.join(timeout=30)
-    finally:
-        holder.close()
+    assert not sender.is_alive()
     [response] = answer
     if via == "single":
         assert response.status_code == 202, response.text
-        assert (response.headers.get("Idempotent-Replayed"), response.json()["id"]) == (
-            "true",
-            str(written[0].id),
-        )
+        assert response.headers.get("Idempotent-Replayed") == "true"
+        assert response.json()["id"] == str(written.id)
         return
     assert response.status_code == 200, response.text
     first, second = response.json()["results"]
-    assert (first["status"], first["replayed"], first["job"]["id"]) == (202, True, str(written[0].id))
+    assert (first["status"], first["replayed"]) == (202, True), first["problem"]
+    assert first["job"]["id"] == str(written.id)
     assert (second["status"], second["replayed"]) == (202, False)
 
 
-def blocked_by(dsn: str, pid: int) -> bool:
-    """Whether some session waits for a lock that the session ``pid`` holds."""
-    with pg(dsn) as cur:
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,))
-        row = cur.fetchone()
-    return bool(row and row[0])
-
-
-def test_concurrent_batches_sharing_keys_in_opposite_orders_create_each_job_once(
+def test_batches_sharing_keys_in_opposite_orders_wait_in_one_order_and_create_each_job_once(
     api: ApiClient, dsn: str
 ) -> None:
-    """Batches wait for each other's keys; taken in one order (sorted), they never wait in a cycle."""
+    """Eight batches, half with the keys reversed, all held up by a key in the middle that another
+    request is writing. Keys taken in the batch's own order would deadlock them once it commits;
+    taken in one order (sorted), they wait for each other and every key names one job."""
     run = str(uuid.uuid4())
-    keys = [new_key() for _ in range(200)]
+    keys = sorted(new_key() for _ in range(200))
     item: dict[str, Any] = {"type": "noop", "delay_seconds": 3600, "labels": {"run": run}}
 
-    def send(n: int) -> dict[str, str]:
+    def send(n: int) -> requests.Response:
         ordered = keys if n % 2 else keys[::-1]
         with requests.Session() as session:
             session.headers["Authorization"] = api.session.headers["Authorization"]
             jobs = [{**item, "idempotency_key": k} for k in ordered]
-            response = session.post(f"{api.base_url}/v1/jobs/batch", json={"jobs": jobs}, timeout=60)
+            return session.post(f"{api.base_url}/v1/jobs/batch", json={"jobs": jobs}, timeout=60)
+
+    with key_being_written(dsn, keys[100], item) as (holder, written), ThreadPoolExecutor(8) as pool:
+        sent = [pool.submit(send, n) for n in range(8)]
+        wait_for(lambda: len(waiting_submissions(dsn)) == 8, timeout=20, what="all eight batches to wait")
+        holder.commit()
+        responses = [future.result(timeout=60) for future in sent]
+    answers = []
+    for n, response in enumerate(responses):
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert {r["status"] for r in results} == {202}, [r["problem"] for r in results if r["problem"]]
-        return {key: r["job"]["id"] for key, r in zip(ordered, results, strict=True)}
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(send, range(8)))
+        ordered = keys if n % 2 else keys[::-1]
+        answers.append({key: r["job"]["id"] for key, r in zip(ordered, results, strict=True)})
     assert all(answer == answers[0] for answer in answers), "every batch names the same job per key"
+    assert answers[0][keys[100]] == str(written.id)
     with pg(dsn) as cur:
         cur.execute("SELECT count(*) FROM jobs WHERE labels @> %s", (json.dumps({"run": run}),))
         assert cur.fetchone() == (200,)
