@@ -14,6 +14,7 @@ it (``make kubectl``; the Python tools are in the ``dev`` extras).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import re
@@ -774,6 +775,24 @@ def test_dockerignore_keeps_the_build_context_to_what_the_image_needs() -> None:
         part for line in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile(), re.M) for part in line.split()
     }
     assert copied == included
+
+
+def test_the_image_installs_every_file_the_packages_read() -> None:
+    """The image installs Conveyor with ``pip install .`` (not from the source tree), which copies the
+    Python modules and only the other files that pyproject.toml's package-data names: a file left out
+    (a migration, Swagger UI's script) would be missing from the image alone."""
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    left_out = []
+    for top in ("shared", "api_service", "worker_service"):
+        for path in (ROOT / top).rglob("*"):
+            if not path.is_file() or path.suffix in {".py", ".pyc"}:
+                continue
+            package = next(p for p in path.parents if (p / "__init__.py").exists())
+            dotted = ".".join(package.relative_to(ROOT).parts)
+            relative = path.relative_to(package).as_posix()
+            if not any(fnmatch.fnmatchcase(relative, pattern) for pattern in package_data.get(dotted, [])):
+                left_out.append(path.relative_to(ROOT).as_posix())
+    assert left_out == [], "add them to [tool.setuptools.package-data] in pyproject.toml"
 
 
 def test_compose_provisions_grafana_with_the_dashboard_and_prometheus_with_the_rules() -> None:

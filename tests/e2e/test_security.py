@@ -5,7 +5,9 @@ Every refusal is checked for its exact problem type and status, and for leaving 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -363,6 +365,19 @@ def test_health_and_contract_stay_open(api: ApiClient) -> None:
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert spec["security"] == [{"bearerAuth": []}]
     assert spec["paths"]["/healthz"]["get"]["security"] == []
+
+
+def test_docs_page_and_its_assets_are_open_and_served_whole(api: ApiClient) -> None:
+    """Under gunicorn (which sends files its own way), without a key: the page and every file it loads."""
+    page = requests.get(f"{api.base_url}/docs", timeout=10)
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="(/docs/assets/[^"]+)"', page.text)
+    assert len(assets) >= 3, page.text
+    for path in assets:
+        response = requests.get(f"{api.base_url}{path}", timeout=10)
+        assert response.status_code == 200, path
+        assert int(response.headers["Content-Length"]) == len(response.content) > 0, path
+        assert response.headers["ETag"] == f'"{hashlib.sha256(response.content).hexdigest()}"', path
 
 
 def test_metrics_need_the_metrics_token_or_an_admin_key(api: ApiClient, keys: Keys, settings: Any) -> None:

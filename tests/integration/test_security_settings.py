@@ -1,12 +1,17 @@
-"""Security settings and the admin CLI: auth modes, docs switch, payload cap, fail-closed scopes."""
+"""Security settings and the admin CLI: auth modes, the docs switch and page, payload cap, fail-closed
+scopes."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -70,13 +75,83 @@ def test_interactive_docs_can_be_turned_off(settings: Settings, database: str, r
     for app in make_app(settings, api_docs=False):
         client = app.test_client()
         assert client.get("/docs").status_code == 404
+        assert client.get("/docs/assets/swagger-ui-bundle.js").status_code == 404
+        assert [rule.rule for rule in app.url_map.iter_rules() if rule.rule.startswith("/docs")] == []
         assert client.get("/openapi.json").status_code == 200
 
 
-def test_interactive_docs_page_has_its_own_content_policy(open_app: Flask) -> None:
+class PageReferences(HTMLParser):
+    """What a page makes the browser fetch (script src, stylesheet and icon href, img src, and the
+    document URL Swagger UI is given) and the text of its inline scripts."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.spec_urls: list[str] = []
+        self.inline_scripts: list[str] = []
+        self._in_script = False
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        self.urls += [url for name in ("src", "href") if (url := found.get(name)) is not None]
+        self.spec_urls += [url for url in [found.get("data-spec-url")] if url is not None]
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_script = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_script and data.strip():
+            self.inline_scripts.append(data)
+
+
+def test_interactive_docs_page_loads_only_assets_this_api_serves(
+    settings: Settings, database: str, rabbitmq: str
+) -> None:
+    for app in make_app(settings):  # auth=keys, and no key given: the page and its assets are open
+        client = app.test_client()
+        page = client.get("/docs")
+        assert page.status_code == 200
+        assert page.mimetype == "text/html"
+        found = PageReferences(page.get_data(as_text=True))
+        for url in [*found.urls, *found.spec_urls]:
+            parts = urlsplit(url)
+            assert (parts.scheme, parts.netloc) == ("", ""), f"{url} is not on this origin"
+            assert url.startswith("/"), url
+        assert found.inline_scripts == [], "an inline script would need 'unsafe-inline' or a hash"
+        assert found.spec_urls == ["/openapi.json"]
+        assert {PurePosixPath(url).name for url in found.urls} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+        content_types = {".js": "text/javascript", ".css": "text/css"}
+        for url in found.urls:
+            with client.get(url) as asset:  # a file response: closing it closes the file
+                assert asset.status_code == 200, url
+                assert asset.mimetype == content_types[PurePosixPath(url).suffix], url
+                assert asset.mimetype_params == {"charset": "utf-8"}, url
+                assert asset.headers["X-Content-Type-Options"] == "nosniff", url
+                assert asset.headers["Cache-Control"] == "no-cache", url
+                assert asset.headers["ETag"] == f'"{hashlib.sha256(asset.get_data()).hexdigest()}"', url
+            with client.get(url, headers={"If-None-Match": asset.headers["ETag"]}) as again:
+                assert (again.status_code, again.get_data()) == (304, b""), url
+        for other in ("LICENSE", "README.md", "..%2F__init__.py", "swagger-ui.js"):
+            assert client.get(f"/docs/assets/{other}").status_code == 404, other
+
+
+def test_interactive_docs_page_policy_names_no_other_host(open_app: Flask) -> None:
     response = open_app.test_client().get("/docs")
     assert response.status_code == 200
-    assert "https://cdn.jsdelivr.net" in response.headers["Content-Security-Policy"]
+    policy = response.headers["Content-Security-Policy"]
+    directives = {name: sources for name, *sources in (part.split() for part in policy.split(";"))}
+    assert directives["default-src"] == ["'none'"]
+    assert directives["script-src"] == ["'self'"], "scripts from this API only, nothing inline"
+    assert directives["connect-src"] == ["'self'"]
+    assert directives["frame-ancestors"] == ["'none'"]
+    sources = [source for sources in directives.values() for source in sources]
+    # Keywords ('self', 'none') and data: only: no host, no scheme that would admit every host.
+    assert all(source.startswith("'") or source == "data:" for source in sources), policy
+    assert not [source for source in sources if source.startswith("'unsafe-")], policy
+    assert f"Content-Security-Policy: {policy}\n" in (ROOT / "docs" / "security.md").read_text()
 
 
 def test_hsts_is_sent_when_configured(settings: Settings, database: str, rabbitmq: str) -> None:
