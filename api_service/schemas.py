@@ -14,6 +14,8 @@ from typing import Any, ClassVar, TypeVar
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from api_service import json_body
+from api_service.problems import Problem
 from shared.api_keys import TENANT_NAME
 from shared.job_types import (
     MAX_ATTEMPTS_RANGE,
@@ -56,11 +58,14 @@ def nul_path(value: Any) -> tuple[str, ...] | None:
 
 
 def unpaired_surrogate_path(body: bytes) -> tuple[str, ...] | None:
-    """Where in a JSON text a string (or an object key) holds an unpaired surrogate; None if nowhere,
-    or if the text is not JSON (its parser says so later)."""
+    """Where in a JSON body a string (or an object key) holds an unpaired surrogate; None if nowhere,
+    or if the body is not JSON as ``json_body.parse`` reads it (the operation's parser says so later).
+
+    Read by that same parser: its own ``json.loads`` refused a body that starts with a byte order
+    mark, which ``parse`` ignores, so such a body's surrogate reached Postgres (a 500)."""
     try:
-        value = json.loads(body.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError included
+        value = json_body.parse(body)
+    except Problem:
         return None
     return text_path(value, has_unpaired_surrogate)
 
