@@ -50,7 +50,9 @@ CATALOG = _catalog(
     ProblemType("validation-error", "Request validation failed", 422,
                 "The request is well-formed JSON but a field is missing, unknown or invalid. `errors` "
                 "lists each problem with a JSON pointer into the body or the name of the query parameter."),
-    ProblemType("malformed-json", "Malformed JSON", 400, "The request body is not valid JSON."),
+    ProblemType("malformed-json", "Malformed JSON", 400,
+                "The request body is not valid JSON, is not UTF-8 text, holds a number too long to read, "
+                "or has an object that gives a member name more than once. `detail` says which."),
     ProblemType("json-too-deep", "JSON nested too deeply", 400,
                 "The request body nests arrays and objects deeper than the server accepts "
                 "(`CONVEYOR_MAX_JSON_DEPTH`)."),

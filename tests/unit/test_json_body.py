@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -65,3 +66,67 @@ def test_parse_reads_utf8() -> None:
 def test_parse_ignores_a_byte_order_mark() -> None:
     """RFC 8259 lets a parser ignore one; refused, the client got Python's 'decode using utf-8-sig'."""
     assert parse('\ufeff{"a": 1}'.encode()) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "pointer"),
+    [
+        (b'{"type": "noop", "type": "demo.sleep"}', "/type"),
+        (b'{"type": "noop", "labels": {"team": "a", "env": "b", "team": "c"}}', "/labels/team"),
+        (b'{"jobs": [{}, {}, {}, {"payload": {"to": "a@x", "to": "b@y"}}]}', "/jobs/3/payload/to"),
+        (b'{"jobs": [{"type": "noop", "idempotency_key": "a", "idempotency_key": "b"}]}',
+         "/jobs/0/idempotency_key"),
+        (b'{"jobs": [], "jobs": [{"type": "noop"}]}', "/jobs"),
+        (b'[[1], {"a": {"b": [{"c": 1, "c": 1}]}}]', "/1/a/b/0/c"),  # the same value twice, too
+        (b'{"to": 1, "t\\u006f": 2}', "/to"),  # one name, however it is escaped
+        (b'{"a/b~": 1, "a/b~": 2}', "/a~1b~0"),
+        (b'{"": 1, "": 2}', "/"),
+        (b'{"a": {"x": 1, "x": 2}, "b": {"y": 1, "y": 2}}', "/a/x"),  # the first in document order
+        (b'{"a": {"x": 1, "x": 2}, "a": 3}', "/a"),  # the outer one: the inner object was shadowed
+        ('\ufeff{"ü": 1, "ü": 2}'.encode(), "/ü"),
+    ],
+)  # fmt: skip
+def test_parse_refuses_a_member_name_given_twice_and_says_where(body: bytes, pointer: str) -> None:
+    """RFC 8259: parsers differ in which value they keep (json.loads kept the last), so a proxy or an
+    audit log could read another request than the one Conveyor ran."""
+    with pytest.raises(Problem) as refused:
+        parse(body)
+    assert refused.value.type.slug == "malformed-json"
+    assert f"more than once in one object, at {pointer};" in refused.value.detail
+
+
+def test_parse_names_the_duplicated_member_as_json() -> None:
+    with pytest.raises(Problem) as refused:
+        parse(b'{"say \\"hi\\"": 1, "say \\"hi\\"": 2}')
+    assert 'gives the member "say \\"hi\\"" more than once' in refused.value.detail
+
+
+def test_a_duplicate_before_invalid_json_is_reported_as_invalid_json() -> None:
+    """The parser stops at the first duplicate; the second reading, which finds where it is, meets
+    the error after it."""
+    with pytest.raises(Problem) as refused:
+        parse(b'{"a": 1, "a": 2} trailing')
+    assert refused.value.type.slug == "malformed-json"
+    assert "not valid JSON: Extra data" in refused.value.detail
+
+
+def test_the_same_name_in_different_objects_is_fine() -> None:
+    body = b'{"jobs": [{"type": "noop", "labels": {"type": "x"}}, {"type": "noop"}], "type": {"type": 1}}'
+    assert parse(body) == json.loads(body)
+
+
+def test_parse_reads_what_json_loads_reads() -> None:
+    """The duplicate check sees objects only: key order, numbers (big integers, floats, exponents,
+    NaN and Infinity, which json.loads also takes), strings and nesting are read as before."""
+    body = (
+        '{"z": 1, "a": [1.0, -0.0, 1e400, -1e-400, 12345678901234567890123456789, NaN, -Infinity],'
+        ' "m": {"s": "\\ud83d\\ude00\\u0000\\\\", "e": {}, "l": [], "n": null, "t": true},'
+        ' "ü": [[{"b": 2, "a": 1}]]}'
+    )
+    parsed = parse(body.encode())
+    expected = json.loads(body)
+    assert repr(parsed) == repr(expected)  # NaN != NaN, and 1 == 1.0: compare what was built
+    assert list(parsed) == ["z", "a", "m", "ü"]
+    assert list(parsed["ü"][0][0]) == ["b", "a"]
+    assert type(parsed) is dict
+    assert type(parsed["m"]["e"]) is dict
