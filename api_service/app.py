@@ -137,7 +137,7 @@ def _check_request_body() -> None:
     if cut and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
     limit = services().settings.max_json_depth
-    if json_body.depth(body) > limit:
+    if json_body.depth(body, limit) > limit:
         raise Problem(
             "json-too-deep", f"The request body nests arrays and objects deeper than {limit} levels."
         )

@@ -28,14 +28,40 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from api_service.problems import Problem, pointer
 
 #: A JSON string (escapes included; an unterminated one runs to the end of the body, a lone backslash
-#: included) or a bracket. Each match starts where the last one ended, so one pass over the body is
-#: linear. A pattern that needs the closing quote restarts at every quote of an unterminated string:
-#: quadratic, and a 256 KiB body of escaped quotes held an API process (and its GIL) for minutes.
+#: included) or a bracket, for the exact count of a body whose brackets do not pair up. Each match
+#: starts where the last one ended, so one pass over the body is linear. A pattern that needs the
+#: closing quote restarts at every quote of an unterminated string: quadratic, and a 256 KiB body of
+#: escaped quotes held an API process (and its GIL) for minutes.
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+#: Every byte but the four brackets (deleted), and the brackets as one kind of pair.
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_ONE_KIND = bytes.maketrans(b"[{]}", b"(())")
 
 
-def depth(body: bytes) -> int:
-    """Deepest array/object nesting in a JSON text, without parsing it (so without recursion)."""
+def depth(body: bytes, limit: int) -> int:
+    """Deepest array/object nesting in a JSON text, without parsing it (so without recursion); at most
+    ``limit + 1``, however deep it goes.
+
+    Every step is a pass of C code over the body, where a Python loop over every string and bracket
+    cost five times ``json.loads`` (0.8 ms for a batch of 100 jobs; 0.1 ms now). In JSON a backslash
+    occurs only in a string, as an escape: without the escaped backslashes and then the escaped
+    quotes, every quote left opens or closes a string, and what lies between every other pair of
+    quotes is outside the strings. Its brackets are then removed an innermost level at a time (as
+    ``()``, whatever their kind). Brackets that do not pair up (not JSON: its parser refuses it later)
+    are counted one by one instead, linearly.
+    """
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(text.split(b'"')[::2]).translate(_ONE_KIND, _NOT_BRACKETS)
+    level = 0
+    while brackets and level <= limit:
+        inner = brackets.replace(b"()", b"")
+        if len(inner) == len(brackets):
+            return min(_depth_by_tokens(body), limit + 1)
+        brackets, level = inner, level + 1
+    return level
+
+
+def _depth_by_tokens(body: bytes) -> int:
     level = deepest = 0
     for token in _TOKEN.findall(body):
         if token in (b"[", b"{"):

@@ -25,7 +25,46 @@ from api_service.problems import Problem
     ],
 )
 def test_depth_counts_only_brackets_outside_strings(body: bytes, expected: int) -> None:
-    assert depth(body) == expected
+    assert depth(body, 100) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"[}", 1),  # brackets that do not pair up (not JSON) are counted one by one
+        (b'[[{"a": 1}]', 3),
+        (b"[[]]]]", 2),
+        (b"[{]}", 2),
+    ],
+)
+def test_depth_of_brackets_that_do_not_pair_up(body: bytes, expected: int) -> None:
+    assert depth(body, 100) == expected
+
+
+def test_depth_stops_one_past_the_limit() -> None:
+    assert depth(b"[" * 5 + b"]" * 5, 5) == 5
+    assert depth(b"[" * 6 + b"]" * 6, 5) == 6
+    assert depth(b"[" * 100_000 + b"]" * 100_000, 32) == 33
+
+
+def test_depth_agrees_with_the_parsed_value() -> None:
+    def nesting(value: object) -> int:
+        if isinstance(value, dict):
+            return 1 + max(map(nesting, value.values()), default=0)
+        if isinstance(value, list):
+            return 1 + max(map(nesting, value), default=0)
+        return 0
+
+    values: list[object] = [
+        {"jobs": [{"type": "noop", "payload": {"a": [1, {"b": "]]}"}]}, "labels": {}} for _ in range(3)]},
+        [[], [[]], {"x": [[[{}]]]}, "[{"],
+        {"a": {"b": {"c": {"d": []}}}, "e": [{"f": [[]]}]},
+        # backslashes and quotes in strings, escaped in the JSON text: \\, \" and both in a row
+        ["\\", '\\"[', {'\\\\"{': ["]\\", ['"', ["\\\\"]]]}, '"]]', "\u2028["],
+    ]
+    for value in values:
+        body = json.dumps(value).encode()
+        assert depth(body, 100) == nesting(value), body
 
 
 def test_depth_is_linear_on_an_unterminated_string_of_escaped_quotes() -> None:
@@ -34,7 +73,7 @@ def test_depth_is_linear_on_an_unterminated_string_of_escaped_quotes() -> None:
     script = (
         "from api_service.json_body import depth\n"
         "for tail in (b'', b'\\\\'):\n"
-        "    assert depth(b'[\"' + b'\\\\\"' * 131_000 + tail) == 1\n"
+        "    assert depth(b'[\"' + b'\\\\\"' * 131_000 + tail, 32) == 1\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
