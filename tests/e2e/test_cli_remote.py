@@ -213,6 +213,10 @@ def test_unreachable_api_is_one_line_naming_the_url(cli: Cli) -> None:
     [
         (["jobs", "submit", "noop", "--payload", "{bad"], "argument --payload: not valid JSON"),
         (["jobs", "submit", "noop", "--payload", "[1]"], "must be a JSON object"),
+        (
+            ["jobs", "submit", "noop", "--payload", '{"a": {"to": 1, "to": 2}}'],
+            'not valid JSON: the member "to" is given more than once',
+        ),
         (["jobs", "submit", "noop", "--label", "nolabel"], "'nolabel' is not KEY=VALUE"),
         (["jobs", "submit", "noop", "--delay", "1", "--run-at", "2030-01-01T00:00Z"], "not allowed with"),
         (["jobs", "get", "not-a-uuid"], "is not a job id"),
