@@ -139,6 +139,23 @@ class ConveyorBroker(RabbitmqBroker):
     def consumer_class(self) -> type[_RabbitmqConsumer]:
         return _Consumer
 
+    def _ensure_queue(self, canonical_queue_name: str) -> None:
+        """dramatiq's, then closing the thread's connection if this call opened it.
+
+        dramatiq declares queues on a connection of the calling thread, and keeps it. The threads that
+        only ever declare (a worker's consumer threads, which consume on connections of their own; the
+        API's request threads, which publish through ``shared/confirms.py``) left it idle for good:
+        nothing serviced its heartbeats, RabbitMQ dropped it after two missed beats ("missed heartbeats
+        from client" in its log), and closing it at shutdown logged eight pika errors per worker
+        process ("Connection reset by peer"), which the runbook's error queries then showed.
+        """
+        opened_here = getattr(self.state, "connection", None) is None
+        try:
+            super()._ensure_queue(canonical_queue_name)  # type: ignore[no-untyped-call]
+        finally:
+            if opened_here:
+                del self.connection
+
     def _arguments(self, queue_name: str) -> QueueArguments:
         return queue_arguments(queue_name, self.queue_type, self.delivery_limit)
 

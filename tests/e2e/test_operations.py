@@ -311,3 +311,24 @@ def test_queue_stats_show_depth_backlog_and_consumers(conveyor: ApiClient, keys:
     assert body["outbox"]["backlog"] >= 0
     refused = conveyor.session.get(f"{conveyor.base_url}/v1/queues", timeout=10)
     assert refused.status_code == 403
+
+
+def test_a_worker_idle_past_its_heartbeats_stops_without_errors(
+    service_env: dict[str, str], broker_url: str
+) -> None:
+    """dramatiq declared the queues on a connection of each consumer thread and kept it, idle (the
+    consumers use connections of their own): RabbitMQ dropped it after two missed heartbeats, and
+    stopping the worker then logged eight pika errors per process ("Connection reset by peer"), which
+    an SRE's error alerts and the runbook's error queries picked up after every clean stop."""
+    separator = "&" if "?" in broker_url else "?"
+    env = {**service_env, "CONVEYOR_BROKER_URL": f"{broker_url}{separator}heartbeat=1",
+           "CONVEYOR_WORKER_METRICS_BIND": ""}  # fmt: skip
+    proc = ServiceProcess("worker", env)
+    proc.log_path = proc.log_path.with_name(f"worker-heartbeat-1s-{uuid.uuid4().hex[:8]}.log")
+    try:
+        proc.start_worker(broker_url)
+        time.sleep(5)  # RabbitMQ drops a connection after two missed heartbeats: here 2 s
+    finally:
+        assert proc.stop() == 0
+    errors = [line for line in proc.log_text().splitlines() if '"level": "error"' in line]
+    assert errors == [], "\n".join(errors)

@@ -186,3 +186,32 @@ def test_a_queue_deleted_behind_the_publishers_back_is_declared_again(settings: 
 
 def publish_failures() -> float:
     return REGISTRY.get_sample_value("conveyor_outbox_publish_failures_total") or 0.0
+
+
+def test_declaring_a_queue_leaves_no_idle_connection_behind(settings: Settings) -> None:
+    """dramatiq declares queues on a connection of the calling thread and keeps it. A thread that only
+    declares (an API request thread before its publish, a worker's consumer thread) left it idle, and
+    with heartbeats on RabbitMQ dropped it after two missed beats; closing it at shutdown logged pika
+    errors. A thread that had a connection already keeps it (the relay reads dead letters on it)."""
+    prefix = f"conveyor_test_{RUN_ID}.idle-{uuid.uuid4().hex[:8]}."
+    broker = create_broker(dataclasses.replace(settings, queue_prefix=prefix))
+    declared: list[int] = []
+
+    def declare(name: str, keep: bool) -> None:
+        if keep:
+            assert broker.channel.is_open  # this thread's connection, opened before
+        broker.declare_queue(prefix + name, ensure=True)
+        declared.append(len(broker.connections))
+
+    try:
+        for name, keep in (("a", False), ("b", True)):
+            thread = threading.Thread(target=declare, args=(name, keep))
+            thread.start()
+            thread.join()
+        assert declared == [0, 1], "no connection left by a thread that only declared; a used one kept"
+    finally:
+        broker.close()
+        with amqp_channel(settings.broker_url) as channel:
+            for name in ("a", "b"):
+                for suffix in ("", ".DQ", ".XQ"):
+                    channel.queue_delete(queue=prefix + name + suffix)
