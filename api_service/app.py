@@ -27,7 +27,7 @@ from api_service import (
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem, invalid, pointer
 from api_service.published_rows import PublishedRows
-from api_service.schemas import SURROGATE_MESSAGE, Cursor, unpaired_surrogate_path
+from api_service.schemas import SURROGATE_MESSAGE, UNKNOWN_PARAMETER, Cursor, unpaired_surrogate_path
 from shared.broker import Publisher, create_broker
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -155,7 +155,7 @@ def _check_query_parameters() -> None:
         return  # no operation (404, 405): nothing to check its parameters against
     schemas = _declared_arguments().get("query")
     if schemas is None:
-        errors = [{"parameter": name, "detail": "Unknown parameter."} for name in sorted(set(request.args))]
+        errors = [{"parameter": name, "detail": UNKNOWN_PARAMETER} for name in sorted(set(request.args))]
     else:
         single = frozenset().union(*map(_single_valued, schemas))
         errors = [

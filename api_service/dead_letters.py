@@ -19,6 +19,7 @@ from api_service.schemas import (
     CURSOR_ERROR,
     NO_NUL,
     TENANT,
+    UNKNOWN_PARAMETER,
     ResponseSchema,
     StrictSchema,
     UtcDateTime,
@@ -88,6 +89,8 @@ class _Filters(StrictSchema):
 
 
 class DeadLetterQuerySchema(_Filters):
+    error_messages = {"unknown": UNKNOWN_PARAMETER}  # noqa: RUF012 - marshmallow's own class attribute
+
     limit = fields.Integer(
         load_default=50, validate=validate.Range(1, 200), metadata={"description": "Page size."}
     )

@@ -103,6 +103,11 @@ class StrictSchema(ma.Schema):
         unknown = ma.RAISE
 
 
+#: What an unknown query parameter is called, the same on every operation (app.py refuses those of the
+#: operations that take none).
+UNKNOWN_PARAMETER = "Unknown parameter."
+
+
 class ResponseSchema(ma.Schema):
     """A response body. Its document says ``additionalProperties: true``: fields may be added within /v1
     and clients must ignore those they do not know (api.md, Versioning). ``false``, as a request
@@ -364,6 +369,8 @@ def page(
 
 
 class JobListQuerySchema(StrictSchema):
+    error_messages = {"unknown": UNKNOWN_PARAMETER}  # noqa: RUF012 - marshmallow's own class attribute
+
     status = fields.List(
         fields.Enum(JobStatus, by_value=True),
         metadata={"description": "Repeat to match any of several.", "example": ["failed", "retrying"]},

@@ -442,6 +442,15 @@ def test_operations_without_query_parameters_refuse_any(
                       {"parameter": "foo", "detail": "Unknown parameter."}]  # fmt: skip
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/dead-letters"])
+def test_listings_name_an_unknown_query_parameter_as_the_other_operations_do(
+    client: FlaskClient, keys: Keys, path: str
+) -> None:
+    admin = {"Authorization": f"Bearer {keys.admin}"}
+    errors = problem(client.get(f"{path}?foo=1", headers=admin), 422, "validation-error")["errors"]
+    assert errors == [{"parameter": "foo", "detail": "Unknown parameter."}]
+
+
 def test_openapi_document_and_docs_are_served(client: FlaskClient) -> None:
     spec = client.get("/openapi.json").get_json()
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/healthz", "/readyz"} <= set(spec["paths"])
