@@ -210,6 +210,10 @@ class BatchItem:
     idempotent: IdempotentRequest | None
 
 
+#: A batch item to insert, with its row.
+Row = tuple[BatchItem, job_store.NewRow]
+
+
 @dataclass
 class ItemResult:
     index: int
@@ -225,14 +229,16 @@ def submit_batch(
     items: list[BatchItem],
     request_id: str | None = None,
 ) -> tuple[list[ItemResult], RateDecision | None]:
-    """Submit valid items in one transaction; each gets its own outcome.
+    """Submit valid items in one transaction (rarely two, below); each gets its own outcome.
 
     Like single submissions: items whose key is already stored are replayed first and cost no token;
     the rest take one token each, all or none (a 429 for the whole batch); then one transaction
     inserts them, items beyond the tenant's cap getting a 429 each. A key repeated in the batch
     replays the job of its first item. Messages are published after COMMIT. Each step is one
     statement for the whole batch, except when another request stored some of its keys meanwhile
-    (below): then the transaction reads those keys, and may insert a second time.
+    (below): then the transaction reads those keys to replay them; and as each of them took a place
+    under the cap, the items the cap left out try once more, in a transaction of their own, so that
+    it holds no key while it waits for another request's (two such waits deadlocked).
 
     Unlike a single submission, a batch takes no advisory lock per key: 1,000 of them, in a few
     concurrent batches, would fill Postgres' shared lock table, and every session of the server would
@@ -265,70 +271,69 @@ def submit_batch(
     fresh = [item for item in items if is_open(item)]
     rate = _take_tokens(db, tenant, limits, len(fresh)) if fresh else None
 
-    def write(cur: Cursor) -> list[Dispatch]:
-        for item in fresh:  # from scratch if the pool retries this on a fresh connection
-            results[item.index] = ItemResult(item.index)
-        rows: list[tuple[BatchItem, job_store.NewRow]] = []
-        repeats: list[tuple[BatchItem, BatchItem]] = []
-        first_with_key: dict[str, BatchItem] = {}
-        for item in fresh:
-            record = None
-            if item.idempotent is not None:
-                first = first_with_key.setdefault(item.idempotent.key, item)
-                if first is not item:
-                    repeats.append((item, first))
-                    continue
-                record = job_store.IdempotencyRecord(
-                    item.idempotent.key,
-                    item.idempotent.fingerprint,
-                    settings.idempotency_ttl_seconds,
-                    ACCEPTED,
-                )
-            rows.append((item, job_store.NewRow(uuid.uuid4(), item.new, record)))
-        dispatches: list[Dispatch] = []
-        for attempt in (1, 2):
-            inserted = job_store.insert_jobs(
-                cur, tenant, [row for _, row in rows], max_active_jobs=limits.max_active_jobs,
-                outbox_grace_seconds=settings.outbox_grace_seconds, request_id=request_id,
-            )  # fmt: skip
-            left_out = []
-            for (item, row), outcome in zip(rows, inserted, strict=True):
-                if outcome is None:
-                    left_out.append((item, row))
-                    continue
-                job, dispatch = outcome
-                results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
-                if dispatch is not None:
-                    dispatches.append(dispatch)
-            # Left out: beyond the tenant's cap, or its key stored by another request meanwhile (the
-            # insert waited for that request's COMMIT). Such a key replays, and so does a repeat of it
-            # (whose body may be the one stored). Each took a place under the cap: if any did, the
-            # items refused for the cap after it try once more.
-            waited = {item.idempotent.key for item, _ in left_out if item.idempotent is not None}
-            candidates = [item for item, _ in left_out if item.idempotent is not None]
-            candidates += [
-                item for item, first in repeats if first.idempotent and first.idempotent.key in waited
-            ]
-            found = replay_stored(cur, candidates) if candidates else 0
-            rows = [(item, row) for item, row in left_out if is_open(item)]
-            if not rows or not found or attempt == 2:
-                break
-        for item, _ in rows:
-            results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
-        for item, first in repeats:
-            if not is_open(item):
-                continue  # replayed above: the key was stored with its body
-            assert item.idempotent is not None
-            assert first.idempotent is not None
-            original = results[first.index]
-            if item.idempotent.fingerprint != first.idempotent.fingerprint:
-                results[item.index].refusal = IdempotencyKeyReused(KEY_REUSED)
-            elif original.submission is not None:
-                results[item.index].submission = Submission(original.submission.job, ACCEPTED, True)
-            else:
-                results[item.index].refusal = original.refusal
-        return dispatches
+    rows: list[Row] = []
+    repeats: list[tuple[BatchItem, BatchItem]] = []
+    first_with_key: dict[str, BatchItem] = {}
+    for item in fresh:
+        record = None
+        if item.idempotent is not None:
+            first = first_with_key.setdefault(item.idempotent.key, item)
+            if first is not item:
+                repeats.append((item, first))
+                continue
+            record = job_store.IdempotencyRecord(
+                item.idempotent.key, item.idempotent.fingerprint, settings.idempotency_ttl_seconds, ACCEPTED
+            )
+        rows.append((item, job_store.NewRow(uuid.uuid4(), item.new, record)))
 
-    dispatches = db.run(write) if fresh else []
-    publish_after_commit(svc, dispatches)
+    def insert(cur: Cursor, rows: list[Row]) -> tuple[list[Dispatch], list[Row], bool]:
+        """Insert ``rows``: what to publish, the rows left out and still open, and whether a key was
+        found stored by another request meanwhile."""
+        for item, _ in rows:  # from scratch if the pool retries this on a fresh connection
+            results[item.index] = ItemResult(item.index)
+        inserted = job_store.insert_jobs(
+            cur, tenant, [row for _, row in rows], max_active_jobs=limits.max_active_jobs,
+            outbox_grace_seconds=settings.outbox_grace_seconds, request_id=request_id,
+        )  # fmt: skip
+        dispatches, left_out = [], []
+        for (item, row), outcome in zip(rows, inserted, strict=True):
+            if outcome is None:
+                left_out.append((item, row))
+                continue
+            job, dispatch = outcome
+            results[item.index].submission = Submission(job, ACCEPTED, replayed=False, rate=rate)
+            if dispatch is not None:
+                dispatches.append(dispatch)
+        # Left out: beyond the tenant's cap, or its key stored by another request meanwhile (the
+        # insert waited for that request's COMMIT). Such a key replays, and so does a repeat of it
+        # (whose body may be the one stored).
+        waited = [item for item, _ in left_out if item.idempotent is not None]
+        indexes = {item.index for item in waited}
+        candidates = [*waited, *(item for item, first in repeats if first.index in indexes)]
+        found = replay_stored(cur, candidates) if candidates else 0
+        return dispatches, [(item, row) for item, row in left_out if is_open(item)], found > 0
+
+    left: list[Row] = []
+    if rows:
+        dispatches, left, found = db.run(lambda cur: insert(cur, rows))
+        publish_after_commit(svc, dispatches)
+        if left and found:
+            # A replayed key took a place under the cap: the items the cap left out try once more, in a
+            # transaction of their own, which holds no key while it waits for another request's.
+            dispatches, left, _ = db.run(lambda cur: insert(cur, left))
+            publish_after_commit(svc, dispatches)
+    for item, _ in left:
+        results[item.index].refusal = job_store.too_many_active(limits.max_active_jobs)
+    for item, first in repeats:
+        if not is_open(item):
+            continue  # replayed above: the key was stored with its body
+        assert item.idempotent is not None
+        assert first.idempotent is not None
+        original = results[first.index]
+        if item.idempotent.fingerprint != first.idempotent.fingerprint:
+            results[item.index].refusal = IdempotencyKeyReused(KEY_REUSED)
+        elif original.submission is not None:
+            results[item.index].submission = Submission(original.submission.job, ACCEPTED, True)
+        else:
+            results[item.index].refusal = original.refusal
     return [results[i.index] for i in items], rate

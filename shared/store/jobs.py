@@ -94,7 +94,7 @@ _INSERTS = f"""
         SELECT %(tenant)s, key, fingerprint, id, key_status, starts_at + key_ttl * interval '1 second'
         FROM item
         WHERE key IS NOT NULL AND {{admit}}
-        ORDER BY key  -- concurrent batches wait for each other's keys in one order, never in a cycle
+        ORDER BY key  -- concurrent inserts wait for each other's keys in one order, never in a cycle
         ON CONFLICT (tenant, key) DO UPDATE
             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
                 response_status = EXCLUDED.response_status, created_at = now(),

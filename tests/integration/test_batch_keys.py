@@ -4,11 +4,14 @@ the batch's first lookup, so the race is the same every time."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import psycopg2
 import pytest
+from support import pg, wait_for
 
 from api_service.context import Services
 from api_service.published_rows import PublishedRows
@@ -66,10 +69,11 @@ def publisher(settings: Settings) -> Iterator[Publisher]:
 
 
 def run_batch(
-    settings: Settings, db: StoredAfterFirstLookup, publisher: Publisher, tenant: str, items: list[BatchItem]
+    settings: Settings, db: Any, publisher: Publisher, tenant: str, items: list[BatchItem], cap: int = CAP
 ) -> list[ItemResult]:
-    svc = Services(settings=settings, db=db, publisher=publisher, published=PublishedRows(db.db))  # type: ignore[arg-type]
-    limits = TenantLimits(max_active_jobs=CAP, submit_rate_per_second=1000, submit_burst=1000)
+    real = getattr(db, "db", db)
+    svc = Services(settings=settings, db=db, publisher=publisher, published=PublishedRows(real))
+    limits = TenantLimits(max_active_jobs=cap, submit_rate_per_second=1000, submit_burst=1000)
     results, _ = submit_batch(svc, tenant, limits, items)
     return results
 
@@ -108,3 +112,64 @@ def test_a_repeated_key_stored_meanwhile_with_the_second_body_replays_the_second
     assert results[1].submission is not None
     assert results[1].submission.replayed
     assert results[1].submission.job.id == racing.stored_job
+
+
+def test_items_the_cap_left_out_try_again_without_holding_the_keys_of_the_first_try(
+    settings: Settings, db: Database, publisher: Publisher, tenant: str
+) -> None:
+    """Room for 3 jobs; another request (T2) is writing key a. The batch [m, z, a] looks its keys up,
+    then a third request stores m: room for 2. The first insert replays m, inserts z and leaves a out
+    for the cap; a then tries again and waits for T2, which goes on to write z as well. Tried again in
+    the same transaction, the batch held z while it waited for T2's a, and T2 waited for the batch's
+    z: a deadlock, and a 503 for the whole batch."""
+    db.run(lambda cur: job_store.insert_jobs(
+        cur, tenant, [job_store.NewRow(uuid.uuid4(), LATER, None)], max_active_jobs=CAP,
+        outbox_grace_seconds=0))  # fmt: skip
+    keys = {name: f"{name}-{uuid.uuid4()}" for name in "amz"}  # sorted: a < m < z
+    fingerprint = "f" * 64
+    racing = StoredAfterFirstLookup(db, tenant, keys["m"], fingerprint)
+    t2 = psycopg2.connect(settings.database_url)
+
+    def write(name: str) -> uuid.UUID:
+        job_id = uuid.uuid4()
+        record = job_store.IdempotencyRecord(keys[name], fingerprint, 3600, 202)
+        with t2.cursor() as cur:
+            job_store.insert_jobs(cur, tenant, [job_store.NewRow(job_id, LATER, record)],
+                                  max_active_jobs=10**6, outbox_grace_seconds=0)  # fmt: skip
+        return job_id
+
+    def batch_waits_for_t2() -> bool:
+        with pg(settings.database_url) as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                        (t2.get_backend_pid(),))  # fmt: skip
+            row = cur.fetchone()
+        return bool(row and row[0])
+
+    outcome: list[Any] = []
+
+    def send() -> None:
+        try:
+            items = [item(n, keys[name], fingerprint) for n, name in enumerate("mza")]
+            outcome.append(run_batch(settings, racing, publisher, tenant, items, cap=4))
+        except Exception as exc:
+            outcome.append(exc)
+
+    try:
+        a_job = write("a")
+        sender = threading.Thread(target=send)
+        sender.start()
+        wait_for(batch_waits_for_t2, timeout=10, what="the batch's second try to wait for T2's a")
+        write("z")  # before: waited for the batch's z, which waited for T2's a
+        t2.commit()
+        sender.join(timeout=30)
+    finally:
+        t2.close()
+    [results] = outcome
+    assert not isinstance(results, Exception), results
+    m, z, a = results
+    assert m.submission is not None
+    assert (m.submission.replayed, m.submission.job.id) == (True, racing.stored_job)
+    assert z.submission is not None
+    assert not z.submission.replayed
+    assert a.submission is not None
+    assert (a.submission.replayed, a.submission.job.id) == (True, a_job)
