@@ -27,7 +27,7 @@ from api_service import (
 from api_service.context import EXTENSION, Services, services
 from api_service.problems import Problem, invalid, pointer
 from api_service.published_rows import PublishedRows
-from api_service.schemas import SURROGATE_MESSAGE, UNKNOWN_PARAMETER, Cursor, unpaired_surrogate_path
+from api_service.schemas import SURROGATE_MESSAGE, UNKNOWN_PARAMETER, Cursor
 from shared.broker import Publisher, create_broker
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -142,7 +142,7 @@ def _check_request_body() -> None:
             "json-too-deep", f"The request body nests arrays and objects deeper than {limit} levels."
         )
     if b"\\ud" in body or b"\\uD" in body:  # only then can a JSON string hold a lone surrogate
-        path = unpaired_surrogate_path(body)
+        path = json_body.unpaired_surrogate_path()
         if path is not None:
             raise invalid(pointer=pointer(path), detail=SURROGATE_MESSAGE)
 

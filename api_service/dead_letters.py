@@ -19,7 +19,7 @@ from api_service.schemas import (
     CURSOR_ERROR,
     NO_NUL,
     TENANT,
-    UNKNOWN_PARAMETER,
+    QuerySchema,
     ResponseSchema,
     StrictSchema,
     UtcDateTime,
@@ -88,9 +88,7 @@ class _Filters(StrictSchema):
     dead_before = UtcDateTime()
 
 
-class DeadLetterQuerySchema(_Filters):
-    error_messages = {"unknown": UNKNOWN_PARAMETER}  # noqa: RUF012 - marshmallow's own class attribute
-
+class DeadLetterQuerySchema(QuerySchema, _Filters):
     limit = fields.Integer(
         load_default=50, validate=validate.Range(1, 200), metadata={"description": "Page size."}
     )

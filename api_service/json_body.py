@@ -26,6 +26,8 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
 from api_service.problems import Problem, pointer
+from shared.jobs import has_unpaired_surrogate, text_path
+from shared.json_names import DuplicateName, unique_members
 
 #: A JSON string (escapes included; an unterminated one runs to the end of the body, a lone backslash
 #: included) or a bracket, for the exact count of a body whose brackets do not pair up. Each match
@@ -36,6 +38,9 @@ _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
 #: Every byte but the four brackets (deleted), and the brackets as one kind of pair.
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _ONE_KIND = bytes.maketrans(b"[{]}", b"(())")
+#: Each level removed in C is a pass over the body: past this many (CONVEYOR_MAX_JSON_DEPTH set above
+#: 64), the one linear pass of the count by tokens is cheaper.
+_MOST_LEVELS_IN_C = 64
 
 
 def depth(body: bytes, limit: int) -> int:
@@ -47,15 +52,15 @@ def depth(body: bytes, limit: int) -> int:
     occurs only in a string, as an escape: without the escaped backslashes and then the escaped
     quotes, every quote left opens or closes a string, and what lies between every other pair of
     quotes is outside the strings. Its brackets are then removed an innermost level at a time (as
-    ``()``, whatever their kind). Brackets that do not pair up (not JSON: its parser refuses it later)
-    are counted one by one instead, linearly.
+    ``()``, whatever their kind). Brackets that do not pair up (not JSON: its parser refuses it later),
+    and bodies nested deeper than ``_MOST_LEVELS_IN_C``, are counted one by one instead, linearly.
     """
     text = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     brackets = b"".join(text.split(b'"')[::2]).translate(_ONE_KIND, _NOT_BRACKETS)
     level = 0
     while brackets and level <= limit:
         inner = brackets.replace(b"()", b"")
-        if len(inner) == len(brackets):
+        if len(inner) == len(brackets) or level == _MOST_LEVELS_IN_C:
             return min(_depth_by_tokens(body), limit + 1)
         brackets, level = inner, level + 1
     return level
@@ -70,6 +75,20 @@ def _depth_by_tokens(body: bytes) -> int:
         elif token in (b"]", b"}"):
             level -= 1
     return deepest
+
+
+def unpaired_surrogate_path() -> tuple[str, ...] | None:
+    """Where in this request's JSON body a string (or an object key) holds an unpaired surrogate; None
+    if nowhere, or if the body is not JSON (the operation's parser says so, if it reads the body).
+
+    Read by ``request_json``, so the operation gets the value parsed here; and by ``parse``, which
+    ignores a leading byte order mark (``json.loads`` refused such a body, so its surrogate went
+    unchecked and reached Postgres: a 500)."""
+    try:
+        value = request_json()
+    except Problem:
+        return None
+    return text_path(value, has_unpaired_surrogate)
 
 
 def request_json() -> Any:
@@ -103,25 +122,15 @@ def _decode(text: str) -> Any:
     twice, and the decoder's own errors for text that is not JSON."""
     try:
         return _DECODER.decode(text)
-    except _DuplicateName:
+    except DuplicateName:
         pass  # read it again to say where: the hook that refused it knows the name, not the place
     path = _duplicate_path(_MARKING_DECODER.decode(text))  # raises if the text is not JSON after it
     raise Problem(
         "malformed-json",
-        f"The request body gives the member {json.dumps(path[-1])} more than once in one object, at "
-        f"{pointer(path)}; give each name once (JSON parsers differ in which of the values they keep).",
+        f"The request body gives the member {json.dumps(path[-1], ensure_ascii=False)} more than once in "
+        f"one object, at {pointer(path)}; give each name once (JSON parsers differ in which of the values "
+        "they keep).",
     )
-
-
-class _DuplicateName(Exception):
-    """An object of the body gives a member name twice (``_decode`` then finds where)."""
-
-
-def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    members = dict(pairs)
-    if len(members) != len(pairs):
-        raise _DuplicateName
-    return members
 
 
 class _Duplicated(dict[str, Any]):
@@ -134,27 +143,35 @@ class _Duplicated(dict[str, Any]):
 
 
 def _mark_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for name, _ in pairs:
-        if name in seen:
-            return _Duplicated(pairs, name)
-        seen.add(name)
-    return dict(pairs)
+    try:
+        return unique_members(pairs)
+    except DuplicateName as duplicate:
+        return _Duplicated(pairs, duplicate.name)
+
+
+#: Where a value sits: its container's place and its key or index (None for the whole body).
+_Place = tuple["_Place", str | int] | None
 
 
 def _duplicate_path(value: Any) -> tuple[str, ...]:
     """The keys and indexes to the first duplicated member of a value the marking decoder built: the
     outermost first, then in document order (an object inside a shadowed value is not reachable, but
-    the object that shadowed it is)."""
-    stack: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
+    the object that shadowed it is). A path is spelt out only for the one found."""
+    stack: list[tuple[Any, _Place]] = [(value, None)]
     while stack:
-        item, path = stack.pop()
+        item, place = stack.pop()
         if isinstance(item, _Duplicated):
-            return (*path, item.name)
+            path: list[str] = [item.name]
+            while place is not None:
+                place, key = place
+                path.append(str(key))
+            return tuple(reversed(path))
         if isinstance(item, dict):
-            stack.extend(reversed([(child, (*path, key)) for key, child in item.items()]))
+            stack.extend((child, (place, key)) for key, child in reversed(item.items())
+                         if isinstance(child, dict | list))  # fmt: skip
         elif isinstance(item, list):
-            stack.extend(reversed([(child, (*path, str(index))) for index, child in enumerate(item)]))
+            stack.extend((item[index], (place, index)) for index in range(len(item) - 1, -1, -1)
+                         if isinstance(item[index], dict | list))  # fmt: skip
     raise AssertionError("the decoder refused a duplicate name that the marking decoder did not find")
 
 
@@ -168,7 +185,7 @@ def _duplicate_path(value: Any) -> tuple[str, ...]:
 #: with a hook builds a decoder on every call (4.3 us more on a single submission). A cheap test for
 #: "no duplicate possible" that spares most bodies the hook (the body's colons against those of the
 #: value written back out) cost more than the hook itself.
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_names)
+_DECODER = json.JSONDecoder(object_pairs_hook=unique_members)
 #: Only for a body the decoder refused: builds the value again, marking where the duplicate is.
 _MARKING_DECODER = json.JSONDecoder(object_pairs_hook=_mark_duplicates)
 

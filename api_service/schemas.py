@@ -14,8 +14,6 @@ from typing import Any, ClassVar, TypeVar
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from api_service import json_body
-from api_service.problems import Problem
 from shared.api_keys import TENANT_NAME
 from shared.job_types import (
     MAX_ATTEMPTS_RANGE,
@@ -24,7 +22,7 @@ from shared.job_types import (
     TIMEOUT_SECONDS_RANGE,
     JsonNumber,
 )
-from shared.jobs import JobStatus, NewJob, has_unpaired_surrogate, text_path
+from shared.jobs import JobStatus, NewJob, text_path
 
 #: One year: further ahead is almost certainly a unit mistake (ms for s).
 MAX_DELAY_SECONDS = 365 * 86_400
@@ -55,19 +53,6 @@ SURROGATE_MESSAGE = (
 def nul_path(value: Any) -> tuple[str, ...] | None:
     """Where in a JSON value a string (or an object key) holds a NUL character; None if nowhere."""
     return text_path(value, lambda text: "\x00" in text)
-
-
-def unpaired_surrogate_path(body: bytes) -> tuple[str, ...] | None:
-    """Where in a JSON body a string (or an object key) holds an unpaired surrogate; None if nowhere,
-    or if the body is not JSON as ``json_body.parse`` reads it (the operation's parser says so later).
-
-    Read by that same parser: its own ``json.loads`` refused a body that starts with a byte order
-    mark, which ``parse`` ignores, so such a body's surrogate reached Postgres (a 500)."""
-    try:
-        value = json_body.parse(body)
-    except Problem:
-        return None
-    return text_path(value, has_unpaired_surrogate)
 
 
 def _nested(path: tuple[str, ...], message: str) -> Any:
@@ -106,6 +91,13 @@ class StrictSchema(ma.Schema):
 #: What an unknown query parameter is called, the same on every operation (app.py refuses those of the
 #: operations that take none).
 UNKNOWN_PARAMETER = "Unknown parameter."
+
+
+class QuerySchema(StrictSchema):
+    """An operation's query parameters: an unknown one is refused as those of the operations that take
+    none are (``app.py``)."""
+
+    error_messages = {"unknown": UNKNOWN_PARAMETER}  # noqa: RUF012 - marshmallow's own class attribute
 
 
 class ResponseSchema(ma.Schema):
@@ -368,9 +360,7 @@ def page(
     return {"items": list(rows[:limit]), "next_cursor": next_cursor}
 
 
-class JobListQuerySchema(StrictSchema):
-    error_messages = {"unknown": UNKNOWN_PARAMETER}  # noqa: RUF012 - marshmallow's own class attribute
-
+class JobListQuerySchema(QuerySchema):
     status = fields.List(
         fields.Enum(JobStatus, by_value=True),
         metadata={"description": "Repeat to match any of several.", "example": ["failed", "retrying"]},

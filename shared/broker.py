@@ -123,11 +123,12 @@ class _Consumer(_RabbitmqConsumer):
 class ConveyorBroker(RabbitmqBroker):
     """dramatiq's RabbitMQ broker, declaring its queues with ``queue_arguments``.
 
-    Three differences from dramatiq: a message that names another queue than its own is refused
+    Four differences from dramatiq: a message that names another queue than its own is refused
     (``_Consumer``); dead-letter queues (``Q.XQ``) are declared without dramatiq's 7-day
     ``x-message-ttl``, so RabbitMQ never drops a dead letter on its own; the relay files each one in
-    Postgres (see ``worker_service/dead_letters.py``) and only an operator removes it. And the queues
-    can be quorum queues (``CONVEYOR_QUEUE_TYPE``), which dramatiq itself cannot declare.
+    Postgres (see ``worker_service/dead_letters.py``) and only an operator removes it. The queues
+    can be quorum queues (``CONVEYOR_QUEUE_TYPE``), which dramatiq itself cannot declare. And a thread
+    that only declares queues keeps no connection (``_ensure_queue``).
     """
 
     def __init__(self, *, queue_type: str, delivery_limit: int, **kwargs: Any) -> None:
@@ -314,8 +315,8 @@ class DeadLetterReader:
     def take(self, queue_name: str, limit: int) -> list[DeadMessage]:
         """Up to ``limit`` messages from ``queue_name``'s dead-letter queue (declared if missing)."""
         try:
+            channel = self._broker.channel  # first: declaring on a thread with no connection closes it
             self._broker.declare_queue(queue_name, ensure=True)
-            channel = self._broker.channel
             taken = []
             for _ in range(limit):
                 method, properties, body = channel.basic_get(queue=xq_name(queue_name), auto_ack=False)

@@ -23,6 +23,7 @@ from shared.cli import output
 from shared.cli.client import DEFAULT_URL, ApiClient, ApiProblem, ClientError, check_base_url
 from shared.cli.output import Json
 from shared.jobs import TERMINAL_STATUSES, JobStatus
+from shared.json_names import unique_members
 from shared.settings import Settings
 
 #: Longest wait between two polls of ``jobs watch``, whatever ``Retry-After`` says: a job scheduled
@@ -64,23 +65,12 @@ def _json_object(raw: str) -> Json:
         except OSError as exc:
             raise argparse.ArgumentTypeError(f"cannot read {raw[1:]}: {exc.strerror}") from None
     try:
-        value = json.loads(text, object_pairs_hook=_unique_members)
+        value = json.loads(text, object_pairs_hook=unique_members)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, such as '{\"seconds\": 2}'")
     return value
-
-
-def _unique_members(pairs: list[tuple[str, Json]]) -> Json:
-    """An object of the JSON given; a ValueError if it names a member twice (json.loads would keep
-    the last silently, and the API refuses such a body: ``api_service/json_body.py``)."""
-    seen: set[str] = set()
-    for name, _ in pairs:
-        if name in seen:
-            raise ValueError(f"the member {json.dumps(name)} is given more than once in one object")
-        seen.add(name)
-    return dict(pairs)
 
 
 def _label(raw: str) -> tuple[str, str]:

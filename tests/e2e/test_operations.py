@@ -321,13 +321,13 @@ def test_a_worker_idle_past_its_heartbeats_stops_without_errors(
     stopping the worker then logged eight pika errors per process ("Connection reset by peer"), which
     an SRE's error alerts and the runbook's error queries picked up after every clean stop."""
     separator = "&" if "?" in broker_url else "?"
-    env = {**service_env, "CONVEYOR_BROKER_URL": f"{broker_url}{separator}heartbeat=1",
+    env = {**service_env, "CONVEYOR_BROKER_URL": f"{broker_url}{separator}heartbeat=2",
            "CONVEYOR_WORKER_METRICS_BIND": ""}  # fmt: skip
     proc = ServiceProcess("worker", env)
-    proc.log_path = proc.log_path.with_name(f"worker-heartbeat-1s-{uuid.uuid4().hex[:8]}.log")
+    proc.log_path = proc.log_path.with_name(f"worker-heartbeat-2s-{uuid.uuid4().hex[:8]}.log")
     try:
         proc.start_worker(broker_url)
-        time.sleep(5)  # RabbitMQ drops a connection after two missed heartbeats: here 2 s
+        time.sleep(7)  # RabbitMQ drops a connection after two missed heartbeats: here 4 s
     finally:
         assert proc.stop() == 0
     errors = [line for line in proc.log_text().splitlines() if '"level": "error"' in line]

@@ -45,6 +45,9 @@ def test_depth_stops_one_past_the_limit() -> None:
     assert depth(b"[" * 5 + b"]" * 5, 5) == 5
     assert depth(b"[" * 6 + b"]" * 6, 5) == 6
     assert depth(b"[" * 100_000 + b"]" * 100_000, 32) == 33
+    # Past 64 levels (a limit set that high), one linear pass instead of a pass per level.
+    assert depth(b"[" * 100 + b"]" * 100, 1000) == 100
+    assert depth(b"[" * 100_000 + b"]" * 100_000, 100_000) == 100_000
 
 
 def test_depth_agrees_with_the_parsed_value() -> None:
