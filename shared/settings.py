@@ -175,7 +175,8 @@ class Settings:
         "CONVEYOR_IDEMPOTENCY_TTL_SECONDS",
         86_400,
         "How long an Idempotency-Key is remembered (24 h, as Stripe), from the request or from its "
-        "job's run_at if later. A key reused after it is a new request.",
+        "job's run_at if later, and in any case until its job finishes. A key reused after it is a new "
+        "request.",
         minimum=60,
     )
     # --- Worker ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from shared.jobs import (
 )
 from shared.messages import Dispatch
 from shared.store.db import Cursor, Prepared, json_param
-from shared.store.idempotency import StoredKey, lock_id
+from shared.store.idempotency import StoredKey, job_unfinished, lock_id
 from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
 
 JOB_COLUMNS = (
@@ -99,7 +99,7 @@ _INSERTS = f"""
             SET fingerprint = EXCLUDED.fingerprint, job_id = EXCLUDED.job_id,
                 response_status = EXCLUDED.response_status, created_at = now(),
                 expires_at = EXCLUDED.expires_at
-            WHERE idempotency_keys.expires_at <= now()
+            WHERE idempotency_keys.expires_at <= now() AND NOT {job_unfinished("idempotency_keys")}
         RETURNING job_id
     ), job AS (
         INSERT INTO jobs (id, tenant, type, queue, status, payload, priority, max_attempts,
@@ -258,7 +258,8 @@ _SUBMIT = Prepared(
         SELECT %(key)s IS NULL OR pg_try_advisory_xact_lock(%(lock_id)s) AS held
     ), stored AS (
         SELECT fingerprint, job_id, response_status FROM idempotency_keys
-        WHERE %(key)s IS NOT NULL AND tenant = %(tenant)s AND key = %(key)s AND expires_at > now()
+        WHERE %(key)s IS NOT NULL AND tenant = %(tenant)s AND key = %(key)s
+          AND (expires_at > now() OR {job_unfinished("idempotency_keys")})
     ), bucket AS (
         {BUCKET_UPSERT.format(guard="(SELECT held FROM lock) AND NOT EXISTS (SELECT 1 FROM stored)")}
     ), go AS (

@@ -113,10 +113,27 @@ def test_a_rejected_request_does_not_use_up_its_key(api: ApiClient) -> None:
     assert "Idempotent-Replayed" not in fixed.headers
 
 
-def test_expired_key_is_a_new_request(api: ApiClient, dsn: str) -> None:
+def test_an_expired_key_still_answers_for_its_unfinished_job(api: ApiClient, dsn: str) -> None:
+    """A job still waiting (or retrying) past its key's TTL: the client's retry gets it back."""
     key = new_key()
     body = {"type": "noop", "delay_seconds": 3600}
     first = api.submit(body, key=key).json()["id"]
+    with pg(dsn) as cur:
+        cur.execute(
+            "UPDATE idempotency_keys SET expires_at = now() - interval '1 hour' WHERE key = %s", (key,)
+        )
+    again = api.submit(body, key=key)
+    assert again.status_code == 202
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json()["id"] == first
+
+
+def test_expired_key_of_a_finished_job_is_a_new_request(api: ApiClient, dsn: str) -> None:
+    key = new_key()
+    body = {"type": "noop", "delay_seconds": 3600}
+    first = api.submit(body, key=key).json()["id"]
+    cancelled = api.session.post(f"{api.base_url}/v1/jobs/{first}/cancel", timeout=10)
+    assert cancelled.json()["status"] == "cancelled", cancelled.text
     with pg(dsn) as cur:
         cur.execute(
             "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s", (key,)

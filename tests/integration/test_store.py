@@ -314,21 +314,58 @@ def test_a_row_whose_publish_failed_waits_for_the_backoff(db: Database) -> None:
     assert job_id in due_ids(db)
 
 
-def test_expired_keys_are_purged_and_live_ones_kept(db: Database, dsn: str) -> None:
-    live, expired = f"live-{uuid.uuid4()}", f"expired-{uuid.uuid4()}"
-    for key in (live, expired):
+def test_expired_keys_of_finished_jobs_are_purged_and_the_others_kept(db: Database, dsn: str) -> None:
+    live, expired, unfinished = (f"{name}-{uuid.uuid4()}" for name in ("live", "expired", "unfinished"))
+    for key in (live, expired, unfinished):
         record = job_store.IdempotencyRecord(key, "fp", 3600, 202)
         db.run(lambda cur, r=record: insert_job(  # type: ignore[misc]
             cur, uuid.uuid4(), new_job(), outbox_grace_seconds=0, idempotency=r))  # fmt: skip
     with pg(dsn) as cur:
         cur.execute(
-            "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = %s", (expired,)
+            "UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key IN (%s, %s)",
+            (expired, unfinished),
+        )
+        cur.execute(
+            "UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id ="
+            " (SELECT job_id FROM idempotency_keys WHERE key = %s)",
+            (expired,),
         )
     while db.execute(lambda cur: key_store.purge_expired(cur, 1000)):
         pass
     with pg(dsn) as cur:
-        cur.execute("SELECT key FROM idempotency_keys WHERE key IN (%s, %s)", (live, expired))
-        assert cur.fetchall() == [(live,)]
+        cur.execute("SELECT key FROM idempotency_keys WHERE key IN (%s, %s, %s) ORDER BY key",
+                    (live, expired, unfinished))  # fmt: skip
+        assert cur.fetchall() == [(live,), (unfinished,)], "a key stays while its job is unfinished"
+
+
+def test_a_key_answers_for_its_unfinished_job_past_its_ttl(db: Database, dsn: str) -> None:
+    """A job that still retries after the key's TTL: a client retrying its submission then must get that
+    job back, not a second one. Once the job has finished, the TTL alone counts, and the key can be
+    taken over by a new job."""
+    key = f"long-{uuid.uuid4()}"
+    first = uuid.uuid4()
+    record = job_store.IdempotencyRecord(key, "fp", 3600, 202)
+    db.run(lambda cur: insert_job(cur, first, new_job(), outbox_grace_seconds=0, idempotency=record))
+    with pg(dsn) as cur:
+        cur.execute(
+            "UPDATE idempotency_keys SET expires_at = now() - interval '1 hour' WHERE key = %s", (key,)
+        )
+    found = db.read(lambda cur: key_store.find_live(cur, TENANT, key))
+    assert found is not None
+    assert found.job_id == first
+    again = db.run(lambda cur: job_store.insert_jobs(
+        cur, TENANT, [job_store.NewRow(uuid.uuid4(), new_job(), record)], max_active_jobs=10**6,
+        outbox_grace_seconds=0))  # fmt: skip
+    assert again == [None], "not inserted: the key still answers for the first job"
+    with pg(dsn) as cur:
+        cur.execute("UPDATE jobs SET status = 'cancelled', finished_at = now() WHERE id = %s", (first,))
+    assert db.read(lambda cur: key_store.find_live(cur, TENANT, key)) is None
+    second = uuid.uuid4()
+    [taken] = db.run(lambda cur: job_store.insert_jobs(
+        cur, TENANT, [job_store.NewRow(second, new_job(), record)], max_active_jobs=10**6,
+        outbox_grace_seconds=0))  # fmt: skip
+    assert taken is not None
+    assert taken[0].id == second
 
 
 def test_a_scheduled_jobs_key_lives_until_a_ttl_after_the_job_is_due(db: Database, dsn: str) -> None:
