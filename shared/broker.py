@@ -150,11 +150,12 @@ class ConveyorBroker(RabbitmqBroker):
         from client" in its log), and closing it at shutdown logged eight pika errors per worker
         process ("Connection reset by peer"), which the runbook's error queries then showed.
         """
-        opened_here = getattr(self.state, "connection", None) is None
+        had_one = getattr(self.state, "connection", None) is not None
         try:
             super()._ensure_queue(canonical_queue_name)  # type: ignore[no-untyped-call]
         finally:
-            if opened_here:
+            # Usually nothing was pending, and no connection opened: every API publish comes here.
+            if not had_one and getattr(self.state, "connection", None) is not None:
                 del self.connection
 
     def _arguments(self, queue_name: str) -> QueueArguments:
