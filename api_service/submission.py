@@ -6,9 +6,11 @@ the relay publishes it, so a 202 always means the job will run.
 
 Order of checks, so that no limit ever turns into a stored response:
 1. a retried request whose key is already stored is answered from the store (no token, no cap check);
-2. the tenant's rate bucket gives a token, or the request gets 429 ``rate-limited``;
+2. the tenant's rate bucket gives a token, or the request gets 429 ``rate-limited``. Steps 1 and 2
+   are one statement, committed on its own, so the bucket's row is locked only while it runs;
 3. in one transaction: the key's lock (409 if another request holds it), a last look for a stored
    response, then the insert, which refuses (429 ``too-many-active-jobs``) if the tenant is at its cap.
+   A request refused here for its key (409, or a replay) gives its token back.
    A batch takes no lock per key; its insert waits for a key another request is writing
    (``submit_batch``).
 """
@@ -70,8 +72,14 @@ def submit_job(
     idempotent: IdempotentRequest | None = None,
     request_id: str | None = None,
 ) -> Submission:
-    """One self-committing statement does the checks and the insert (``job_store.submit``); the message
-    is published after it. A replay reads its job in a second statement."""
+    """Two self-committing statements: the token (``job_store.take_token``, which finds a stored key
+    first), then the checks and the insert (``job_store.submit``); the message is published after
+    them. A replay reads its job in a statement of its own instead of the insert.
+
+    A request that then writes nothing because of its key (another request holds it: 409; or stored it
+    meanwhile: a replay) gives its token back. One refused by the cap keeps it spent, as the insert's
+    statement spent it before.
+    """
     db, settings = svc.db, svc.settings
     record = None
     if idempotent is not None:
@@ -87,30 +95,44 @@ def submit_job(
             )
         )  # fmt: skip
 
+    def replay(stored: StoredKey | None) -> Submission | None:
+        assert idempotent is not None
+        return db.read(
+            functools.partial(_stored_response, tenant=tenant, idempotent=idempotent, stored=stored)
+        )
+
+    def give_back() -> None:
+        db.execute(lambda cur: tenant_store.give_back_tokens(cur, tenant, limits, 1))
+
     for _ in range(2):  # a second time only if a replayed job was pruned meanwhile
-        result = statement(uuid.uuid4())
-        if idempotent is not None and (
-            result.stored is not None or (result.job is None and result.checks_passed)
-        ):
-            # A stored response, or one stored just before this statement took the key's lock.
-            replay = db.read(
-                functools.partial(
-                    _stored_response, tenant=tenant, idempotent=idempotent, stored=result.stored
-                )
-            )
-            if replay is None:
+        token = db.execute(
+            lambda cur: job_store.take_token(cur, tenant, limits, idempotent.key if idempotent else None)
+        )
+        if token.stored is not None:
+            answer = replay(token.stored)
+            if answer is None:
                 continue
-            return replay
+            return answer
+        assert token.rate is not None, "a token was asked for"
+        if not token.rate.allowed:
+            raise _rate_limited(tenant, limits, token.rate, 1)
+        result = statement(uuid.uuid4())
+        if result.job is not None:
+            if result.dispatch is not None:
+                publish_after_commit(svc, [result.dispatch])
+            return Submission(result.job, ACCEPTED, replayed=False, rate=token.rate)
+        if idempotent is not None and (result.stored is not None or result.checks_passed):
+            # Stored by another request since the token was taken, or just before this statement took
+            # the key's lock.
+            give_back()
+            answer = replay(result.stored)
+            if answer is None:
+                continue
+            return answer
         if not result.key_lock_held:
+            give_back()
             raise IdempotencyKeyInFlight(KEY_IN_FLIGHT)
-        assert result.rate is not None, "a token was asked for"
-        if not result.rate.allowed:
-            raise _rate_limited(tenant, limits, result.rate, 1)
-        if result.job is None:
-            raise job_store.too_many_active(limits.max_active_jobs)
-        if result.dispatch is not None:
-            publish_after_commit(svc, [result.dispatch])
-        return Submission(result.job, ACCEPTED, replayed=False, rate=result.rate)
+        raise job_store.too_many_active(limits.max_active_jobs)
     raise StoreUnavailable("the replayed job disappeared twice; try again")  # pragma: no cover
 
 
@@ -167,7 +189,7 @@ def _rate_limited(tenant: str, limits: TenantLimits, rate: RateDecision, jobs: i
 
 def _take_tokens(db: Database, tenant: str, limits: TenantLimits, jobs: int) -> RateDecision:
     """One token per new job from the tenant's bucket, or RateLimited (429) for the whole request."""
-    rate = db.execute(lambda cur: tenant_store.take_submission_token(cur, tenant, limits, jobs))
+    rate = db.execute(lambda cur: tenant_store.take_tokens_now(cur, tenant, limits, jobs))
     if not rate.allowed:
         raise _rate_limited(tenant, limits, rate, jobs)
     return rate

@@ -238,6 +238,14 @@ class Prepared:
         cur.execute(self._execute, [params[name] for name in self._order])
 
 
+def outside_transactions(cur: Cursor, what: str) -> None:
+    """Raise RuntimeError unless ``cur``'s next statement commits by itself (``Database.execute``): for
+    a statement that commits without waiting for the disk, which inside a transaction would make the
+    whole transaction's COMMIT do so."""
+    if cur.connection.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+        raise RuntimeError(f"{what} commits by itself: run it with Database.execute, outside a transaction")
+
+
 def json_param(value: Any) -> psycopg2.extras.Json:
     return psycopg2.extras.Json(value)
 

@@ -29,9 +29,16 @@ from shared.jobs import (
     sources_of,
 )
 from shared.messages import Dispatch
-from shared.store.db import Cursor, Prepared, json_param
+from shared.store.db import Cursor, Prepared, json_param, outside_transactions
 from shared.store.idempotency import StoredKey, job_unfinished, lock_id
-from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
+from shared.store.tenants import (
+    ASYNC_COMMIT,
+    BUCKET_UPSERT,
+    RateDecision,
+    TenantLimits,
+    bucket_params,
+    rate_decision,
+)
 
 JOB_COLUMNS = (
     "id, tenant, type, queue, status, payload, priority, attempts, max_attempts, timeout_seconds, run_at, "
@@ -233,18 +240,72 @@ def insert_job(
     return inserted
 
 
+#: SQL: the live record of ``%(key)s`` for ``%(tenant)s``, if the request has a key and it is stored.
+_STORED_KEY = f"""
+    SELECT fingerprint, job_id, response_status FROM idempotency_keys
+    WHERE %(key)s IS NOT NULL AND tenant = %(tenant)s AND key = %(key)s
+      AND (expires_at > now() OR {job_unfinished("idempotency_keys")})"""  # noqa: S608
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    """What the first statement of a single submission found (``take_token``)."""
+
+    #: The live record of the request's key: it is replayed, and no token was taken.
+    stored: StoredKey | None
+    #: The token bucket's answer; None if the key was stored (no token was asked for).
+    rate: RateDecision | None
+
+
+#: A single submission's token, in a statement and transaction of its own (``take_token``).
+_TAKE_TOKEN = Prepared(
+    "conveyor_take_token",
+    f"""
+    WITH stored AS ({_STORED_KEY}
+    ), bucket AS (
+        {BUCKET_UPSERT.format(guard="NOT EXISTS (SELECT 1 FROM stored)")}
+    )
+    SELECT stored.fingerprint, stored.job_id, stored.response_status, bucket.tokens, bucket.allowed,
+           {ASYNC_COMMIT}
+    FROM (SELECT 1) AS one LEFT JOIN stored ON true LEFT JOIN bucket ON true
+    """,  # noqa: S608 - fixed fragments only
+    {"key": "text", "tenant": "text", "burst": "double precision", "rate": "double precision",
+     "cost": "double precision", "need": "double precision"},
+)  # fmt: skip
+
+
+def take_token(cur: Cursor, tenant: str, limits: TenantLimits, key: str | None) -> TokenResult:
+    """The first of a single submission's two statements: the request's stored key if it has one (a
+    replay costs no token), else a token from the tenant's bucket.
+
+    Self-committing, and before the insert (``submit``), so that the bucket's row is locked only while
+    the tokens are counted. Taken inside the insert's statement, the row stayed locked until that
+    statement's COMMIT had reached the disk, and the tenant's submissions went through one at a time,
+    however many API processes took them: half the time a submission spent in Postgres under load was
+    spent waiting for that row (docs/performance.md, session 10). The commit does not wait for the
+    disk either (``ASYNC_COMMIT``).
+    """
+    outside_transactions(cur, "take_token")
+    _TAKE_TOKEN.execute(cur, {"key": key, **bucket_params(tenant, limits, 1)})
+    row = cur.fetchone()
+    assert row is not None, "the statement always returns one row"
+    fingerprint, stored_job, status, tokens, allowed = row[:5]
+    return TokenResult(
+        stored=StoredKey(fingerprint, stored_job, status) if fingerprint is not None else None,
+        rate=rate_decision(float(tokens), bool(allowed), limits, 1) if tokens is not None else None,
+    )
+
+
 @dataclass(frozen=True)
 class SubmitResult:
-    """What the one statement of a single submission did (``submit``)."""
+    """What the insert statement of a single submission did (``submit``)."""
 
     #: False: another request holds the idempotency key right now (nothing was written).
     key_lock_held: bool
     #: The live record of the key, if the statement found one (nothing was written).
     stored: StoredKey | None
-    #: The token bucket's answer; None if no token was asked for.
-    rate: RateDecision | None
-    #: Every check passed (lock, no stored response, token, cap): the job is inserted unless its key
-    #: turned out to be stored meanwhile.
+    #: Every check passed (lock, no stored response, cap): the job is inserted unless its key turned
+    #: out to be stored meanwhile.
     checks_passed: bool
     #: The new job and what to publish; None if it was not inserted.
     job: Job | None
@@ -256,22 +317,15 @@ _SUBMIT = Prepared(
     f"""
     WITH lock AS (
         SELECT %(key)s IS NULL OR pg_try_advisory_xact_lock(%(lock_id)s) AS held
-    ), stored AS (
-        SELECT fingerprint, job_id, response_status FROM idempotency_keys
-        WHERE %(key)s IS NOT NULL AND tenant = %(tenant)s AND key = %(key)s
-          AND (expires_at > now() OR {job_unfinished("idempotency_keys")})
-    ), bucket AS (
-        {BUCKET_UPSERT.format(guard="(SELECT held FROM lock) AND NOT EXISTS (SELECT 1 FROM stored)")}
+    ), stored AS ({_STORED_KEY}
     ), go AS (
-        SELECT (SELECT allowed FROM bucket) IS TRUE AND 1 <= {_ROOM} AS ok
+        SELECT (SELECT held FROM lock) AND NOT EXISTS (SELECT 1 FROM stored) AND 1 <= {_ROOM} AS ok
     ),{_INSERTS.format(admit="(SELECT ok FROM go)")}
-    SELECT lock.held, stored.fingerprint, stored.job_id, stored.response_status, bucket.tokens,
-           bucket.allowed, go.ok, outbox_row.id, job.run_at <= now(), job.*
-    FROM lock CROSS JOIN go LEFT JOIN stored ON true LEFT JOIN bucket ON true LEFT JOIN job ON true
-         LEFT JOIN outbox_row ON true
+    SELECT lock.held, stored.fingerprint, stored.job_id, stored.response_status, go.ok, outbox_row.id,
+           job.run_at <= now(), job.*
+    FROM lock CROSS JOIN go LEFT JOIN stored ON true LEFT JOIN job ON true LEFT JOIN outbox_row ON true
     """,  # noqa: S608 - fixed fragments only
-    {**_INSERT_TYPES, "key": "text", "lock_id": "bigint", "burst": "double precision",
-     "rate": "double precision", "cost": "double precision", "need": "double precision"},
+    {**_INSERT_TYPES, "key": "text", "lock_id": "bigint"},
 )  # fmt: skip
 
 
@@ -286,12 +340,11 @@ def submit(
     idempotency: IdempotencyRecord | None,
     request_id: str | None,
 ) -> SubmitResult:
-    """A single submission in one self-committing statement: look for the key's stored response, take
-    the key's lock, take a token, check the active-job cap, and insert the job, its outbox row and its
-    key.
+    """A single submission's insert, in one self-committing statement, once ``take_token`` gave it a
+    token: take the key's lock, look for the key's stored response again, check the active-job cap,
+    and insert the job, its outbox row and its key.
 
-    Each step runs only if the ones before let it: a stored response (found with or without the lock)
-    costs no token; a refused token inserts nothing. The job is inserted only with its key row, so a
+    Each step runs only if the ones before let it. The job is inserted only with its key row, so a
     request that took the lock just after another one stored the key (its snapshot predates that
     COMMIT) inserts nothing and finds ``job`` None with ``checks_passed``: the caller reads the key
     again.
@@ -306,19 +359,17 @@ def submit(
                 outbox_grace_seconds,
                 request_id,
             ),
-            **bucket_params(tenant, limits, 1),
             "key": idempotency.key if idempotency else None,
             "lock_id": lock_id(tenant, idempotency.key) if idempotency else None,
         },
     )
     row = cur.fetchone()
     assert row is not None, "the statement always returns one row"
-    held, fingerprint, stored_job, status, tokens, allowed, checks_passed, outbox_id, due_now = row[:9]
-    job = job_from_row(row[9:]) if row[9] is not None else None
+    held, fingerprint, stored_job, status, checks_passed, outbox_id, due_now = row[:7]
+    job = job_from_row(row[7:]) if row[7] is not None else None
     return SubmitResult(
         key_lock_held=bool(held),
         stored=StoredKey(fingerprint, stored_job, status) if fingerprint is not None else None,
-        rate=rate_decision(float(tokens), bool(allowed), limits, 1) if tokens is not None else None,
         checks_passed=bool(checks_passed),
         job=job,
         dispatch=_dispatch_of(job, outbox_id, due_now, request_id) if job else None,
