@@ -144,9 +144,11 @@ def retry_job(
     A tenant's retry makes a job active again, as a submission does, and is limited like one: by the
     cap on active jobs and by a token from the submission rate (without it, retrying failed or
     cancelled jobs was a way around the rate). An admin (``tenant`` None) acts for the operator and is
-    not limited. Locks are taken in a submission's order, the tenant's rate bucket before its
-    active-job count (the requeue's trigger): the other order deadlocked against a concurrent
-    submission of the tenant. A job that cannot move gives its token back (the transaction rolls back).
+    not limited. The tenant's rate bucket is locked first, then the job and the active-job count (the
+    requeue's trigger): while a retry waits for the bucket, it holds nothing another request of the
+    tenant needs. (The other order deadlocked against a single submission when that took its token
+    inside its insert's statement.) A job that cannot move gives its token back (the transaction
+    rolls back).
     """
 
     def requeue(cur: Cursor) -> tuple[bool, Job | None, RateDecision | None]:

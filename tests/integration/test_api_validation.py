@@ -504,8 +504,9 @@ def test_responses_are_valid_against_the_document_under_openapi_30_semantics(cli
 
 
 def test_a_tenants_retry_locks_in_a_submissions_order(app: Flask, keys: Keys, dsn: str) -> None:
-    """Rate bucket first, then the job (and the active-job count its requeue updates), as a submission
-    does: the other order deadlocked against a concurrent submission of the same tenant (a 503)."""
+    """Rate bucket first, then the job (and the active-job count its requeue updates): the other order
+    deadlocked against a concurrent submission of the same tenant (a 503) when submissions took their
+    token inside their insert's statement; a retry waiting for the bucket holds nothing of the job."""
     import threading
     import time
 
