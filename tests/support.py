@@ -188,6 +188,25 @@ def pg(dsn: str) -> Iterator[psycopg2.extensions.cursor]:
         conn.close()
 
 
+def wal_flushes(cur: psycopg2.extensions.cursor, work: Callable[[], object]) -> int:
+    """How many times Postgres flushed its WAL to disk while ``work`` ran on ``cur``'s connection (an
+    autocommit one): ``pg_stat_wal.wal_sync``, counted by every process of the server, so a quiet
+    server is assumed. A synchronous commit flushes once; an asynchronous one leaves it to the WAL
+    writer, a few times a second. Needs ``wal_sync_method`` fdatasync or fsync (Linux's default)."""
+
+    def syncs() -> int:
+        cur.execute("SELECT pg_stat_force_next_flush()")  # this session's counts, published when idle
+        cur.execute("SELECT 1")
+        cur.execute("SELECT wal_sync FROM pg_stat_wal")
+        row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    before = syncs()
+    work()
+    return syncs() - before
+
+
 @contextmanager
 def scratch_database(settings: Any, label: str) -> Iterator[Any]:
     """A freshly migrated database of a test's own, ``conveyor_test_<label>_<run id>`` (a run that dies

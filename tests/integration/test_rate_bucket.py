@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from support import pg, wait_for
+from support import pg, wait_for, wal_flushes
 
 from api_service.context import Services
 from api_service.published_rows import PublishedRows
@@ -136,27 +136,21 @@ def test_a_token_is_committed_on_its_own_and_without_waiting_for_the_disk(
         with pytest.raises(RuntimeError, match="outside a transaction"):
             db.run(lambda cur: tenant_store.take_tokens_now(cur, tenant, LIMITS, 2))
 
-        def wal_syncs(cur: Any) -> int:
-            cur.execute("SELECT pg_stat_force_next_flush()")  # this session's WAL counts, at its next idle
-            cur.execute("SELECT 1")
-            cur.execute("SELECT wal_sync FROM pg_stat_wal")
-            return int(cur.fetchone()[0])
-
-        def synchronous(cur: Any) -> int:
-            before = wal_syncs(cur)
+        def synchronous(cur: Any) -> None:
             for _ in range(40):
                 cur.execute("UPDATE tenants SET created_at = created_at WHERE name = %s", (tenant,))
-            return wal_syncs(cur) - before
 
-        def tokens_only(cur: Any) -> int:
-            before = wal_syncs(cur)
+        def tokens_only(cur: Any) -> None:
             for _ in range(20):
                 job_store.take_token(cur, tenant, LIMITS, None)
                 tenant_store.give_back_tokens(cur, tenant, LIMITS, 1)
-            return wal_syncs(cur) - before
 
-        assert db.execute(synchronous) >= 40, "each commit of a plain write waits for its flush"
-        assert db.execute(tokens_only) < 10, "40 token statements, and hardly a flush"
+        assert db.execute(lambda cur: wal_flushes(cur, lambda: synchronous(cur))) >= 40, (
+            "each commit of a plain write waits for its flush"
+        )
+        assert db.execute(lambda cur: wal_flushes(cur, lambda: tokens_only(cur))) < 10, (
+            "40 token statements, and hardly a flush"
+        )
         assert db.execute(lambda cur: (cur.execute("SHOW synchronous_commit"), cur.fetchone())[1]) == ("on",)
     finally:
         db.close()
