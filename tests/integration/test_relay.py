@@ -53,11 +53,14 @@ def test_the_api_forgets_published_rows_without_waiting_for_the_disk(
     it leaves its pooled connection committing synchronously, as the submissions that come next on it
     must."""
     from shared.store import outbox as outbox_store
+    from shared.store import tenants as tenant_store
 
+    tenant = f"outbox-{uuid.uuid4().hex[:8]}"
+    db.execute(lambda cur: tenant_store.create_tenant(cur, tenant))
     rows = []
     for _ in range(20):
         _, dispatch = db.run(lambda cur: job_store.insert_job(
-            cur, uuid.uuid4(), "tests", NewJob("noop", "default", {}, 5, 3, 60, None, None, {}),
+            cur, uuid.uuid4(), tenant, NewJob("noop", "default", {}, 5, 3, 60, None, None, {}),
             max_active_jobs=10**6, outbox_grace_seconds=60))  # fmt: skip
         assert dispatch is not None
         assert dispatch.outbox_id is not None
