@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -72,8 +73,10 @@ os.environ.update(TEST_ENV)
 
 from support import DEFAULT_QUEUE  # noqa: E402
 
+from shared.broker import Publisher, create_broker  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.store import Database  # noqa: E402
+from shared.store import tenants as tenant_store  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +133,22 @@ def db(settings: Settings, database: str) -> Iterator[Database]:
     db.close()
 
 
+@pytest.fixture
+def tenant(db: Database) -> str:
+    """A tenant of the test's own, with the default limits (the test passes its own to the code)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    db.execute(lambda cur: tenant_store.create_tenant(cur, name))
+    return name
+
+
+@pytest.fixture
+def publisher(settings: Settings) -> Iterator[Publisher]:
+    """The API's publisher, on the test RabbitMQ (for submission code called in process)."""
+    publisher = Publisher(create_broker(settings), settings.queue_prefix, settings.publish_backoff_seconds)
+    yield publisher
+    publisher.close()
+
+
 def _process_alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -171,9 +190,7 @@ class Keys:
 @pytest.fixture(scope="session")
 def keys(database: str, settings: Settings) -> Keys:
     from shared.api_keys import Scope, generate_key
-    from shared.store import Database
     from shared.store import api_keys as key_store
-    from shared.store import tenants as tenant_store
 
     db = Database(settings)
 

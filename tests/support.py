@@ -242,12 +242,17 @@ def written_rows(dsn: str) -> dict[str, int]:
         return dict(zip(("jobs", "idempotency_keys", "last_outbox_id"), map(int, row), strict=True))
 
 
-def count_rows(dsn: str, table: str) -> int:
+def one_value(dsn: str, sql: str, *params: Any) -> Any:
+    """The first column of the one row ``sql`` returns (the test fails if it returns none)."""
     with pg(dsn) as cur:
-        cur.execute(f"SELECT count(*) FROM {table}")
+        cur.execute(sql, params)
         row = cur.fetchone()
-        assert row is not None
-        return int(row[0])
+        assert row is not None, sql
+        return row[0]
+
+
+def count_rows(dsn: str, table: str) -> int:
+    return int(one_value(dsn, f"SELECT count(*) FROM {table}"))
 
 
 def active_counts(dsn: str, tenant: str = "default") -> tuple[int, int]:

@@ -16,6 +16,7 @@ from support import (
     DEFAULT_QUEUE,
     ApiClient,
     ServiceProcess,
+    one_value,
     pg,
     queue_counts,
     rabbitmqctl,
@@ -43,11 +44,7 @@ def submit(api: ApiClient, body: dict[str, object]) -> str:
 
 
 def outbox_rows(dsn: str, job_id: str) -> int:
-    with pg(dsn) as cur:
-        cur.execute("SELECT count(*) FROM outbox WHERE job_id = %s", (job_id,))
-        row = cur.fetchone()
-        assert row is not None
-        return int(row[0])
+    return int(one_value(dsn, "SELECT count(*) FROM outbox WHERE job_id = %s", job_id))
 
 
 def wait_queue_drained(broker_url: str) -> None:

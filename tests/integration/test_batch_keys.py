@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg2
-import pytest
 from support import pg, wait_for
 
 from api_service.context import Services
 from api_service.published_rows import PublishedRows
 from api_service.submission import BatchItem, IdempotentRequest, ItemResult, submit_batch
-from shared.broker import Publisher, create_broker
+from shared.broker import Publisher
 from shared.errors import IdempotencyKeyReused, TooManyActiveJobs
 from shared.jobs import NewJob
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import jobs as job_store
-from shared.store import tenants as tenant_store
 from shared.store.tenants import TenantLimits
 
 T = TypeVar("T")
@@ -52,20 +50,6 @@ class StoredAfterFirstLookup:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.db, name)
-
-
-@pytest.fixture
-def tenant(db: Database) -> str:
-    name = f"batch-keys-{uuid.uuid4().hex[:8]}"
-    db.execute(lambda cur: tenant_store.create_tenant(cur, name))
-    return name
-
-
-@pytest.fixture
-def publisher(settings: Settings) -> Iterator[Publisher]:
-    publisher = Publisher(create_broker(settings), settings.queue_prefix, settings.publish_backoff_seconds)
-    yield publisher
-    publisher.close()
 
 
 def run_batch(

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
 import pytest
-from support import pg, wait_for, wal_flushes
+from support import one_value, pg, wait_for, wal_flushes
 
 from api_service.context import Services
 from api_service.published_rows import PublishedRows
 from api_service.submission import IdempotentRequest, Submission, submit_job
-from shared.broker import Publisher, create_broker
+from shared.broker import Publisher
 from shared.errors import IdempotencyKeyInFlight
 from shared.jobs import NewJob
 from shared.settings import Settings
@@ -34,25 +32,12 @@ LIMITS = TenantLimits(max_active_jobs=10**6, submit_rate_per_second=0.001, submi
 
 
 @pytest.fixture
-def tenant(db: Database) -> str:
-    name = f"bucket-{uuid.uuid4().hex[:8]}"
-    db.execute(lambda cur: tenant_store.create_tenant(cur, name))
-    return name
-
-
-@pytest.fixture
-def svc(settings: Settings, db: Database) -> Iterator[Services]:
-    publisher = Publisher(create_broker(settings), settings.queue_prefix, settings.publish_backoff_seconds)
-    yield Services(settings=settings, db=db, publisher=publisher, published=PublishedRows(db))
-    publisher.close()
+def svc(settings: Settings, db: Database, publisher: Publisher) -> Services:
+    return Services(settings=settings, db=db, publisher=publisher, published=PublishedRows(db))
 
 
 def tokens(dsn: str, tenant: str) -> float:
-    with pg(dsn) as cur:
-        cur.execute("SELECT tokens FROM rate_buckets WHERE tenant = %s", (tenant,))
-        row = cur.fetchone()
-    assert row is not None
-    return float(row[0])
+    return float(one_value(dsn, "SELECT tokens FROM rate_buckets WHERE tenant = %s", tenant))
 
 
 def test_a_submission_leaves_its_tenants_bucket_unlocked_while_it_inserts(
