@@ -48,7 +48,8 @@ def delete_published(cur: Cursor, outbox_ids: Sequence[int]) -> None:
     Like the relay's transaction (``take_due``), the deletion does not wait for its commit to reach
     the disk: lost to a Postgres crash, the rows are published again, and the worker's claim ignores
     the copies. So the API's deletions, every 50 ms in each process, do not queue for WAL flushes
-    beside the submissions, whose commits must wait for theirs.
+    beside the submissions, whose commits must wait for theirs. Called inside a transaction, it makes
+    that whole transaction commit so: the relay's, which already does, and no other.
     """
     if outbox_ids:
         cur.execute(
