@@ -72,7 +72,7 @@ def submit_job(
     idempotent: IdempotentRequest | None = None,
     request_id: str | None = None,
 ) -> Submission:
-    """Two self-committing statements: the token (``job_store.take_token``, which finds a stored key
+    """Two self-committing statements: the token (``job_store.take_tokens``, which finds a stored key
     first), then the checks and the insert (``job_store.submit``); the message is published after
     them. A replay reads its job in a statement of its own instead of the insert.
 
@@ -106,7 +106,7 @@ def submit_job(
 
     for _ in range(2):  # a second time only if a replayed job was pruned meanwhile
         token = db.execute(
-            lambda cur: job_store.take_token(cur, tenant, limits, idempotent.key if idempotent else None)
+            lambda cur: job_store.take_tokens(cur, tenant, limits, 1, idempotent.key if idempotent else None)
         )
         if token.stored is not None:
             answer = replay(token.stored)
@@ -191,7 +191,8 @@ def _rate_limited(tenant: str, limits: TenantLimits, rate: RateDecision, jobs: i
 
 def _take_tokens(db: Database, tenant: str, limits: TenantLimits, jobs: int) -> RateDecision:
     """One token per new job from the tenant's bucket, or RateLimited (429) for the whole request."""
-    rate = db.execute(lambda cur: tenant_store.take_tokens_now(cur, tenant, limits, jobs))
+    rate = db.execute(lambda cur: job_store.take_tokens(cur, tenant, limits, jobs)).rate
+    assert rate is not None, "no key: the tokens were asked for"
     if not rate.allowed:
         raise _rate_limited(tenant, limits, rate, jobs)
     return rate

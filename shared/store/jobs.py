@@ -249,7 +249,7 @@ _STORED_KEY = f"""
 
 @dataclass(frozen=True)
 class TokenResult:
-    """What the first statement of a single submission found (``take_token``)."""
+    """What the statement that takes a submission's tokens found (``take_tokens``)."""
 
     #: The live record of the request's key: it is replayed, and no token was taken.
     stored: StoredKey | None
@@ -257,9 +257,9 @@ class TokenResult:
     rate: RateDecision | None
 
 
-#: A single submission's token, in a statement and transaction of its own (``take_token``).
-_TAKE_TOKEN = Prepared(
-    "conveyor_take_token",
+#: A submission's tokens, in a statement and transaction of its own (``take_tokens``).
+_TAKE_TOKENS = Prepared(
+    "conveyor_take_tokens",
     f"""
     WITH stored AS ({_STORED_KEY}
     ), bucket AS (
@@ -274,25 +274,28 @@ _TAKE_TOKEN = Prepared(
 )  # fmt: skip
 
 
-def take_token(cur: Cursor, tenant: str, limits: TenantLimits, key: str | None) -> TokenResult:
-    """The first of a single submission's two statements: the request's stored key if it has one (a
-    replay costs no token), else a token from the tenant's bucket.
+def take_tokens(
+    cur: Cursor, tenant: str, limits: TenantLimits, cost: int, key: str | None = None
+) -> TokenResult:
+    """``cost`` tokens (one per job) from the tenant's bucket, before the submission's insert (a single
+    submission's ``submit``, a batch's ``insert_jobs``); with ``key``, that key's stored record
+    instead if it has one (a replay costs no token). A batch looks its keys up before, all at once.
 
-    Self-committing, and before the insert (``submit``), so that the bucket's row is locked only while
-    the tokens are counted. Taken inside the insert's statement, the row stayed locked until that
-    statement's COMMIT had reached the disk, and the tenant's submissions went through one at a time,
-    however many API processes took them: half the time a submission spent in Postgres under load was
-    spent waiting for that row (docs/performance.md, session 10). The commit does not wait for the
-    disk either (``ASYNC_COMMIT``).
+    Self-committing, so that the bucket's row is locked only while the tokens are counted. Taken
+    inside the insert's statement, the row stayed locked until that statement's COMMIT had reached
+    the disk, and the tenant's submissions went through one at a time, however many API processes
+    took them: half the time a submission spent in Postgres under load was spent waiting for that row
+    (docs/performance.md, session 10). The commit does not wait for the disk either
+    (``ASYNC_COMMIT``).
     """
-    outside_transactions(cur, "take_token")
-    _TAKE_TOKEN.execute(cur, {"key": key, **bucket_params(tenant, limits, 1)})
+    outside_transactions(cur, "take_tokens")
+    _TAKE_TOKENS.execute(cur, {"key": key, **bucket_params(tenant, limits, cost)})
     row = cur.fetchone()
     assert row is not None, "the statement always returns one row"
     fingerprint, stored_job, status, tokens, allowed = row[:5]
     return TokenResult(
         stored=StoredKey(fingerprint, stored_job, status) if fingerprint is not None else None,
-        rate=rate_decision(float(tokens), bool(allowed), limits, 1) if tokens is not None else None,
+        rate=rate_decision(float(tokens), bool(allowed), limits, cost) if tokens is not None else None,
     )
 
 
@@ -340,7 +343,7 @@ def submit(
     idempotency: IdempotencyRecord | None,
     request_id: str | None,
 ) -> SubmitResult:
-    """A single submission's insert, in one self-committing statement, once ``take_token`` gave it a
+    """A single submission's insert, in one self-committing statement, once ``take_tokens`` gave it a
     token: take the key's lock, look for the key's stored response again, check the active-job cap,
     and insert the job, its outbox row and its key.
 

@@ -124,7 +124,7 @@ def rate_decision(tokens: float, allowed: bool, limits: TenantLimits, cost: int)
 #: SQL: commit the current transaction without waiting for its WAL to reach the disk. Only for a
 #: statement that moves nothing but a tenant's tokens, in a transaction of its own
 #: (``outside_transactions``): it then holds the bucket's row for its own few microseconds, not for a
-#: disk flush (``take_tokens_now``). A crash of Postgres may lose the last moments of such writes, so
+#: disk flush (``jobs.take_tokens``). A crash of Postgres may lose the last moments of such writes, so
 #: a tenant may get a few more submissions than its rate right after one; never a job, which commits
 #: synchronously.
 ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
@@ -146,32 +146,8 @@ def take_submission_token(cur: Cursor, tenant: str, limits: TenantLimits, cost: 
     return rate_decision(float(row[0]), bool(row[1]), limits, cost)
 
 
-_TAKE_TOKENS_NOW = Prepared(
-    "conveyor_take_tokens_now",
-    f"""
-    WITH bucket AS ({BUCKET_UPSERT.format(guard="true")})
-    SELECT tokens, allowed, {ASYNC_COMMIT} FROM bucket
-    """,  # noqa: S608 - fixed fragments only
-    {"tenant": "text", "burst": "double precision", "cost": "double precision", "rate": "double precision",
-     "need": "double precision"},
-)  # fmt: skip
-
-
-def take_tokens_now(cur: Cursor, tenant: str, limits: TenantLimits, cost: int) -> RateDecision:
-    """``take_submission_token`` as a self-committing statement of its own, before the submission's
-    insert: the bucket's row is locked only while the tokens are counted, and the commit does not
-    wait for the disk (``ASYNC_COMMIT``). Within the insert's transaction, the row stayed locked until
-    that transaction's COMMIT had flushed, and every submission of the tenant queued behind it.
-    """
-    outside_transactions(cur, "take_tokens_now")
-    _TAKE_TOKENS_NOW.execute(cur, bucket_params(tenant, limits, cost))
-    row = cur.fetchone()
-    assert row is not None
-    return rate_decision(float(row[0]), bool(row[1]), limits, cost)
-
-
 def give_back_tokens(cur: Cursor, tenant: str, limits: TenantLimits, cost: int) -> None:
-    """Return ``cost`` tokens taken by ``take_tokens_now`` for a request that then wrote nothing and is
+    """Return ``cost`` tokens taken by ``jobs.take_tokens`` for a request that then wrote nothing and is
     not charged (another request held its key, or stored it meanwhile): up to the burst, as if never
     taken. Self-committing, without waiting for the disk."""
     outside_transactions(cur, "give_back_tokens")

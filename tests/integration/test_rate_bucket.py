@@ -1,5 +1,5 @@
 """A tenant's rate bucket under concurrent submissions, against the real Postgres: a single submission
-takes its token in a statement and transaction of its own (``job_store.take_token``), so the bucket's
+takes its token in a statement and transaction of its own (``job_store.take_tokens``), so the bucket's
 row is not locked while the submission inserts and commits its job."""
 
 from __future__ import annotations
@@ -117,9 +117,9 @@ def test_a_token_is_committed_on_its_own_and_without_waiting_for_the_disk(
     db = Database(dataclasses.replace(settings, db_pool_size=1))
     try:
         with pytest.raises(RuntimeError, match="outside a transaction"):
-            db.run(lambda cur: job_store.take_token(cur, tenant, LIMITS, None))
+            db.run(lambda cur: job_store.take_tokens(cur, tenant, LIMITS, 1))
         with pytest.raises(RuntimeError, match="outside a transaction"):
-            db.run(lambda cur: tenant_store.take_tokens_now(cur, tenant, LIMITS, 2))
+            db.run(lambda cur: job_store.take_tokens(cur, tenant, LIMITS, 2, "key"))
 
         def synchronous(cur: Any) -> None:
             for _ in range(40):
@@ -127,7 +127,7 @@ def test_a_token_is_committed_on_its_own_and_without_waiting_for_the_disk(
 
         def tokens_only(cur: Any) -> None:
             for _ in range(20):
-                job_store.take_token(cur, tenant, LIMITS, None)
+                job_store.take_tokens(cur, tenant, LIMITS, 1)
                 tenant_store.give_back_tokens(cur, tenant, LIMITS, 1)
 
         assert db.execute(lambda cur: wal_flushes(cur, lambda: synchronous(cur))) >= 40, (
