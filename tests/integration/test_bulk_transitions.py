@@ -8,6 +8,9 @@ with every new row of a later replay of thousands (migration
 thousands in one statement, and read from ``auto_explain`` (nested statements included) how many rows
 each step of the triggers' executed plans produced or read and discarded. Each bulk write is checked too: the
 dead letters filed and removed, the active-job count against a recount, an illegal transition refused.
+
+The common case costs the triggers little too: a worker's round runs one trigger function, which reads
+the round's changed rows once and writes only what changed (migration ``0014_one_update_trigger.sql``).
 """
 
 from __future__ import annotations
@@ -144,3 +147,42 @@ def test_an_illegal_transition_among_many_refuses_the_whole_statement(fresh: Set
         cur.execute("SELECT DISTINCT status FROM jobs WHERE id = ANY(%s::uuid[])", (job_ids,))
         assert cur.fetchall() == [("queued",)]
     assert active_counts(fresh.database_url) == before
+
+
+def trigger_joins(plans: list[str]) -> list[str]:
+    """The statements of the triggers that read a statement's old rows together with its new rows."""
+    return [plan for plan in plans if "old_rows o JOIN new_rows n" in plan]
+
+
+def test_a_worker_round_runs_only_the_trigger_statements_it_has_rows_for(fresh: Settings) -> None:
+    """Claims (queued -> running) move no active count and no dead letter: the trigger reads the
+    round's rows once and writes nothing. Successes add the count's update, and nothing touches the
+    dead letters. Three triggers ran four such statements for every round, whatever its rows, two of
+    them on ``dead_letters``."""
+    dsn = fresh.database_url
+    job_ids = insert_jobs(fresh, 4)
+    base = active_counts(dsn)[1]
+    rounds: list[attempt_store.Round] = []
+
+    plans = executed_plans(
+        dsn, lambda cur: rounds.append(attempt_store.write_round(cur, job_ids[:2], 300, []))
+    )
+    claimed = [
+        answer.job for answer in rounds[-1].claims.values() if isinstance(answer, attempt_store.Claimed)
+    ]
+    assert len(claimed) == 2
+    assert len(trigger_joins(plans)) == 1, trigger_joins(plans)
+
+    plans = executed_plans(
+        dsn,
+        lambda cur: rounds.append(
+            attempt_store.write_round(cur, job_ids[2:], 300, [(job, "null") for job in claimed])
+        ),
+    )
+    assert rounds[-1].succeeded == {job.id for job in claimed}
+    joins = trigger_joins(plans)
+    assert len(joins) == 2, joins
+    assert any("INSERT INTO tenant_active_jobs" in plan for plan in joins)
+    assert not any("dead_letters" in plan for plan in joins)
+    assert active_counts(dsn) == (base - 2, base - 2)
+    assert dead_letters(dsn, job_ids) == {}
