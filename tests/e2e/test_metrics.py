@@ -74,7 +74,10 @@ def counters(url: str, job_type: str, error_type: str = DEMO_FAILURE) -> dict[st
 
 def quiet_counters(url: str, dsn: str) -> dict[str, float]:
     """The counters once no other demo.sleep job is running or about to start: earlier tests may leave
-    some in flight, or due soon (a retry's backoff), and any of them would move the counters too."""
+    some in flight, or due soon (a retry's backoff), and any of them would move the counters too. They
+    must also read the same twice in a row: a success is counted by the worker's writer thread just
+    after its round commits, so a job already ``succeeded`` in Postgres may not be counted yet."""
+    last: list[dict[str, float]] = []
 
     def others() -> int:
         with pg(dsn) as cur:
@@ -87,7 +90,9 @@ def quiet_counters(url: str, dsn: str) -> dict[str, float]:
 
     def quiet() -> dict[str, float] | None:
         now = counters(url, "demo.sleep")
-        return now if now["in_progress"] == 0 and others() == 0 else None
+        steady = last == [now]
+        last[:] = [now]
+        return now if steady and now["in_progress"] == 0 and others() == 0 else None
 
     return wait_for(quiet, timeout=60, interval=0.2, what="no other demo.sleep job running or due")
 
