@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import random
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +37,11 @@ psycopg2.extras.register_uuid()  # type: ignore[no-untyped-call]
 
 #: Errors that mean "the database is not usable right now" rather than "this statement is wrong".
 _UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+#: How many times work that Postgres undid to break a deadlock is run again, and the longest pause
+#: before each new run (a random part of it, so that two victims do not meet again in step).
+DEADLOCK_RETRIES = 3
+DEADLOCK_PAUSE_SECONDS = 0.05
 
 
 class Database:
@@ -100,20 +107,34 @@ class Database:
         connection: nothing of it can have been committed. Pass ``transaction=False`` for a single
         statement that commits by itself; it is never retried (the statement may have run before the
         connection broke) unless it only reads (``read_only=True``, see ``read``).
+
+        Work that Postgres chose to undo to break a deadlock (another transaction waited for rows it
+        held while it waited for theirs) is run again, up to ``DEADLOCK_RETRIES`` times: Postgres
+        rolled all of it back, and the other transaction goes on once it has. Only then does the
+        deadlock become StoreUnavailable. ``work`` must therefore start from scratch on each call,
+        as the retry on a dead connection already needs.
         """
-        for attempt in (1, 2):
+        deadlocks = 0
+        stale_retried = False
+        while True:
             with self._checkout() as (conn, reused):
                 try:
                     return _run_on(conn, work, transaction)
+                except _Deadlock as deadlock:
+                    deadlocks += 1
+                    if deadlocks > DEADLOCK_RETRIES:
+                        raise StoreUnavailable(_describe(deadlock.cause)) from deadlock.cause
+                    logger.info("running again what Postgres undid to break a deadlock: %s", deadlock.cause)
                 except _StaleConnection as stale:
                     # The server behind it restarted (or the network dropped it): the other idle
                     # connections are from before that too, so none of them is tried next.
                     self._discard_idle()
-                    if (transaction or read_only) and reused and attempt == 1:
+                    if (transaction or read_only) and reused and not stale_retried:
                         logger.info("discarding dead pooled connections: %s", stale.cause)
+                        stale_retried = True
                         continue
                     raise StoreUnavailable(_describe(stale.cause)) from stale.cause
-        raise AssertionError("unreachable")  # pragma: no cover
+            time.sleep(random.uniform(0, DEADLOCK_PAUSE_SECONDS))  # after a deadlock, off the connection
 
     def read(self, work: Callable[[Cursor], T]) -> T:
         """Run statements that only read, without a transaction (retried once on a dead pooled connection)."""
@@ -145,10 +166,20 @@ class _PreparingConnection(_Connection):
     prepares = True
 
 
-class _StaleConnection(Exception):
+class _Ended(Exception):
+    """The psycopg2 error that ended a run of the work, for ``Database.run`` to decide on."""
+
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+class _StaleConnection(_Ended):
+    """The connection is dead, and nothing of the work was committed."""
+
+
+class _Deadlock(_Ended):
+    """Postgres undid the work to break a deadlock; the connection is fine."""
 
 
 def _run_on(conn: psycopg2.extensions.connection, work: Callable[[Cursor], T], transaction: bool) -> T:
@@ -162,6 +193,9 @@ def _run_on(conn: psycopg2.extensions.connection, work: Callable[[Cursor], T], t
                 committing = True
                 cur.execute("COMMIT")
             return result
+    except psycopg2.errors.DeadlockDetected as exc:  # an OperationalError, but nothing is unavailable
+        _rollback_quietly(conn)
+        raise _Deadlock(exc) from exc
     except _UNAVAILABLE as exc:
         if conn.closed and not committing:
             raise _StaleConnection(exc) from exc

@@ -663,7 +663,8 @@ def prune_finished(cur: Cursor, *, older_than_seconds: int, limit: int) -> int:
     are taken with SKIP LOCKED in one short statement, so pruning never waits on, or blocks, live work;
     a job's outbox rows and idempotency key go with it (ON DELETE CASCADE). The one exception: the
     cascade waits for an expired key that a batch is taking over at that moment (and two such keys,
-    taken in the other order, deadlock: the batch or this round fails, and is tried again).
+    taken in the other order, deadlock: Postgres undoes the batch or this round, and ``Database.run``
+    runs it again).
     ``id = ANY(ARRAY(...))`` deletes by primary key: as ``id IN (...)`` Postgres planned a hash join
     over a read of the whole table until it held some 100,000 rows.
     """

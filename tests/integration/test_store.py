@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -12,14 +13,16 @@ import psycopg2
 import pytest
 from support import active_counts, pg
 
-from shared.errors import IllegalTransition
+from shared.errors import IllegalTransition, StoreUnavailable
 from shared.jobs import TRANSITIONS, JobError, JobStatus, NewJob, transition_rows
 from shared.settings import Settings
 from shared.store import Database
 from shared.store import attempts as attempt_store
+from shared.store import db as db_module
 from shared.store import idempotency as key_store
 from shared.store import jobs as job_store
 from shared.store import outbox as outbox_store
+from shared.store import tenants as tenant_store
 from shared.store.db import Cursor
 from shared.store.migrate import migrate
 
@@ -590,3 +593,67 @@ def test_an_attempt_the_relay_took_over_is_not_taken_for_the_workers_own_outcome
     )
     assert recovered.status is JobStatus.FAILED
     assert db.execute(lambda cur: attempt_store.outcome_of(cur, claimed.job, token)) is None
+
+
+def deadlock_once(db: Database, dsn: str) -> tuple[Callable[[Cursor], int], threading.Thread]:
+    """Work for ``db.run`` that deadlocks, on its first run only, with a transaction on another
+    connection (started in the thread returned): each locks the row of one of two new tenants, then
+    wants the other's. The work's side gives up first (a shorter ``deadlock_timeout``), so Postgres
+    undoes it, and the other transaction commits. The work returns how many times it has run."""
+    first, second = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for name in (first, second):
+        db.execute(lambda cur, name=name: tenant_store.create_tenant(cur, name))
+    lock = "UPDATE tenants SET submit_burst = submit_burst WHERE name = %s"
+    has_first, has_second = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    def work(cur: Cursor) -> int:
+        runs.append(len(runs) + 1)
+        cur.execute("SET LOCAL deadlock_timeout = '200ms'")
+        cur.execute(lock, (first,))
+        if len(runs) == 1:
+            has_first.set()
+            assert has_second.wait(10)
+        cur.execute(lock, (second,))  # the first time: waits for the other, which waits for this one
+        return len(runs)
+
+    def other() -> None:
+        conn = psycopg2.connect(dsn)
+        try:
+            with conn, conn.cursor() as cur:  # commits on leaving
+                cur.execute("SET LOCAL deadlock_timeout = '10s'")
+                assert has_first.wait(10)
+                cur.execute(lock, (second,))
+                has_second.set()
+                cur.execute(lock, (first,))
+        finally:
+            conn.close()
+
+    return work, threading.Thread(target=other)
+
+
+def test_work_postgres_undid_to_break_a_deadlock_runs_again(db: Database, dsn: str) -> None:
+    """A transaction Postgres chose to undo to break a deadlock is run again once the other has gone
+    on, rather than failing its request (a batch taking over expired keys while pruning deleted their
+    old jobs could meet it: docs/architecture.md)."""
+    work, other = deadlock_once(db, dsn)
+    other.start()
+    try:
+        assert db.run(work) == 2
+    finally:
+        other.join(15)
+    assert not other.is_alive()
+
+
+def test_a_deadlock_that_keeps_coming_back_ends_as_store_unavailable(
+    db: Database, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db_module, "DEADLOCK_RETRIES", 0)
+    work, other = deadlock_once(db, dsn)
+    other.start()
+    try:
+        with pytest.raises(StoreUnavailable, match="DeadlockDetected"):
+            db.run(work)
+    finally:
+        other.join(15)
+    assert not other.is_alive()
