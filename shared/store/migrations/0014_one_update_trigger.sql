@@ -16,7 +16,7 @@
 -- raises check_violation (the store's IllegalTransition) and undoes the statement; the active jobs
 -- move per tenant on the transaction's shard, tenants in name order; a job entering `failed` gets its
 -- dead letter and one leaving it loses it. As in 0012, above 64 changed rows the statements run through
--- EXECUTE, planned for the rows at hand.
+-- EXECUTE, planned for the rows at hand, so each is written twice: the two copies must stay identical.
 --
 -- The INSERT and DELETE triggers stay as they were (jobs_count_active keeps only their branches):
 -- merged, the two INSERT triggers cost a submission the same (597-640 against 623-630 us).
