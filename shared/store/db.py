@@ -272,6 +272,16 @@ class Prepared:
         cur.execute(self._execute, [params[name] for name in self._order])
 
 
+#: SQL expression: the current transaction commits without waiting for its WAL to reach the disk;
+#: ``SET LOCAL synchronous_commit = off`` usable inside a statement (``outbox.py`` sends that SET
+#: before its queries instead: a SELECT of this would add a planned step to the relay's poll). Only
+#: for writes whose loss to a Postgres crash costs little: a tenant's tokens (``jobs.take_tokens``: a
+#: tenant may get a few more submissions than its rate right after a crash), the outbox rows of
+#: published messages (published again, and the worker's claim ignores the copies). Never for a job,
+#: which commits synchronously.
+ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
+
+
 def outside_transactions(cur: Cursor, what: str) -> None:
     """Raise RuntimeError unless ``cur``'s next statement commits by itself (``Database.execute``): for
     a statement that commits without waiting for the disk, which inside a transaction would make the

@@ -29,16 +29,9 @@ from shared.jobs import (
     sources_of,
 )
 from shared.messages import Dispatch
-from shared.store.db import Cursor, Prepared, json_param, outside_transactions
+from shared.store.db import ASYNC_COMMIT, Cursor, Prepared, json_param, outside_transactions
 from shared.store.idempotency import StoredKey, job_unfinished, lock_id
-from shared.store.tenants import (
-    ASYNC_COMMIT,
-    BUCKET_UPSERT,
-    RateDecision,
-    TenantLimits,
-    bucket_params,
-    rate_decision,
-)
+from shared.store.tenants import BUCKET_UPSERT, RateDecision, TenantLimits, bucket_params, rate_decision
 
 JOB_COLUMNS = (
     "id, tenant, type, queue, status, payload, priority, attempts, max_attempts, timeout_seconds, run_at, "
@@ -286,7 +279,8 @@ def take_tokens(
     the disk, and the tenant's submissions went through one at a time, however many API processes
     took them: half the time a submission spent in Postgres under load was spent waiting for that row
     (docs/performance.md, session 10). The commit does not wait for the disk either
-    (``ASYNC_COMMIT``).
+    (``ASYNC_COMMIT``): the bucket's row is then held for the statement's own few microseconds, not
+    for a disk flush.
     """
     outside_transactions(cur, "take_tokens")
     _TAKE_TOKENS.execute(cur, {"key": key, **bucket_params(tenant, limits, cost)})

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from shared.store.db import Cursor, Prepared, outside_transactions
+from shared.store.db import ASYNC_COMMIT, Cursor, Prepared, outside_transactions
 
 
 @dataclass(frozen=True)
@@ -119,15 +119,6 @@ def rate_decision(tokens: float, allowed: bool, limits: TenantLimits, cost: int)
         return RateDecision(True, max(0, int(tokens)), 0, reset)
     need = min(float(cost), burst)
     return RateDecision(False, 0, max(1, math.ceil((need - tokens) / rate)), reset)
-
-
-#: SQL: commit the current transaction without waiting for its WAL to reach the disk. Only for a
-#: statement that moves nothing but a tenant's tokens, in a transaction of its own
-#: (``outside_transactions``): it then holds the bucket's row for its own few microseconds, not for a
-#: disk flush (``jobs.take_tokens``). A crash of Postgres may lose the last moments of such writes, so
-#: a tenant may get a few more submissions than its rate right after one; never a job, which commits
-#: synchronously.
-ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true)"
 
 
 def take_submission_token(cur: Cursor, tenant: str, limits: TenantLimits, cost: int = 1) -> RateDecision:

@@ -75,6 +75,11 @@ def dead_letters(dsn: str, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
 Work = Callable[[Cursor], object]
 
 
+def trigger_joins(plans: list[str]) -> list[str]:
+    """The statements of the triggers that read a statement's old rows together with its new rows."""
+    return [plan for plan in plans if "old_rows o JOIN new_rows n" in plan]
+
+
 def largest_trigger_step(dsn: str, first: Work, then: Work) -> int:
     """On one connection, run ``first(cursor)`` (PL/pgSQL saves the plans of the triggers' statements),
     then ``then(cursor)``; return the most rows any step of the plans the triggers' statements executed
@@ -83,8 +88,7 @@ def largest_trigger_step(dsn: str, first: Work, then: Work) -> int:
     plans = [
         plan for plan in executed_plans(dsn, then, first=first) if re.search(r"\b(old|new)_rows\b", plan)
     ]
-    joins = [plan for plan in plans if "old_rows o JOIN new_rows n" in plan]
-    assert len(joins) >= 3, f"the triggers' joins were not logged: {plans!r}"
+    assert len(trigger_joins(plans)) >= 3, f"the triggers' joins were not logged: {plans!r}"
     return largest_step(plans)
 
 
@@ -147,11 +151,6 @@ def test_an_illegal_transition_among_many_refuses_the_whole_statement(fresh: Set
         cur.execute("SELECT DISTINCT status FROM jobs WHERE id = ANY(%s::uuid[])", (job_ids,))
         assert cur.fetchall() == [("queued",)]
     assert active_counts(fresh.database_url) == before
-
-
-def trigger_joins(plans: list[str]) -> list[str]:
-    """The statements of the triggers that read a statement's old rows together with its new rows."""
-    return [plan for plan in plans if "old_rows o JOIN new_rows n" in plan]
 
 
 def test_a_worker_round_runs_only_the_trigger_statements_it_has_rows_for(fresh: Settings) -> None:

@@ -46,17 +46,14 @@ def test_a_publish_that_failed_leaves_its_reason_on_the_outbox_row(db: Database,
 
 
 def test_the_api_forgets_published_rows_without_waiting_for_the_disk(
-    db: Database, settings: Settings
+    db: Database, settings: Settings, tenant: str
 ) -> None:
     """The API's deletion of the outbox rows RabbitMQ confirmed (every 50 ms in each process) commits
     without a WAL flush, as the relay's does: lost to a crash, the rows are only published again. And
     it leaves its pooled connection committing synchronously, as the submissions that come next on it
     must."""
     from shared.store import outbox as outbox_store
-    from shared.store import tenants as tenant_store
 
-    tenant = f"outbox-{uuid.uuid4().hex[:8]}"
-    db.execute(lambda cur: tenant_store.create_tenant(cur, tenant))
     rows = []
     for _ in range(20):
         _, dispatch = db.run(lambda cur: job_store.insert_job(
