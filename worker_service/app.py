@@ -4,6 +4,8 @@ Order matters: the broker is set before any actor is declared (dramatiq binds ac
 broker at declaration). One actor per registered job type, named after it, on the type's queue. Per-
 process resources (the lease keeper and deadline threads) start in ``after_process_boot`` and stop in
 ``after_worker_shutdown``, after in-flight jobs finished, so leases are renewed during a graceful stop.
+``after_process_boot`` also freezes the process's start-up objects out of the garbage collector's full
+collections (``shared/startup_heap.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from shared.job_types import REGISTRY, JobType
 from shared.logs import configure_logging
 from shared.messages import queue_name
 from shared.settings import get_settings
+from shared.startup_heap import freeze_startup_heap
 from shared.store import Database
 from worker_service import metrics
 from worker_service.deadlines import DeadlineMonitor
@@ -53,6 +56,8 @@ class WorkerRuntime(dramatiq.Middleware):
         self.group.start()
         self.leases.start()
         self.deadlines.start()
+        # Last, so that what the process built to run jobs is frozen too (shared/startup_heap.py).
+        freeze_startup_heap()
         logger.info("worker process ready; queues: %s", ", ".join(sorted(broker.get_declared_queues())))
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
