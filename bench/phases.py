@@ -289,6 +289,7 @@ def _wait_queued(queue: str, expected: int) -> None:
 def drain_dramatiq(subjects: Subjects, jobs: int, processes: int, threads: int, m: Measurements) -> float:
     from bench import raw_dramatiq
 
+    purge(subjects.dramatiq_queue)  # what a failed phase before left
     for _ in range(jobs):
         raw_dramatiq.noop.send()
     _wait_queued(subjects.dramatiq_queue, jobs)
@@ -562,6 +563,7 @@ def latency_dramatiq(subjects: Subjects, rate: float, seconds: float, m: Measure
     """p50 and p99 (ms) of (actor start - send time), sent at ``rate`` per second to a 2 x 8 worker."""
     from bench import raw_dramatiq
 
+    purge(subjects.dramatiq_queue)  # what a failed phase before left
     directory = subjects.stamp_dir("dramatiq-latency")
     worker = subjects.dramatiq_worker(2, 8, directory)
     wait_consuming(worker, subjects.dramatiq_queue, 2)

@@ -129,24 +129,39 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def measure_phase(
+    run: BenchRun, m: Measurements, keys: list[str], measure: Callable[[], tuple[float, ...]]
+) -> bool:
+    """Measure one phase into ``m``; True if it failed. A failed phase's figures are errors (NaN) with
+    a note, and the processes it started are stopped: left running, a worker takes the next phase's
+    messages from its own queue (a raw dramatiq latency phase then waited in vain for its warm-up
+    jobs)."""
+    print(f"measuring {', '.join(keys)}", file=sys.stderr, flush=True)
+    began = time.monotonic()
+    running_before = list(run.procs)
+    failed = False
+    try:
+        values = measure()
+    except Exception as exc:
+        failed = True
+        m.notes.append(f"{', '.join(keys)} failed: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        values = tuple(math.nan for _ in keys)
+        for proc in [p for p in run.procs if p not in running_before]:
+            run.stop(proc)
+    for key, value in zip(keys, values, strict=True):
+        m.put(key, value)
+    print(f"  {time.monotonic() - began:.1f}s", file=sys.stderr, flush=True)
+    return failed
+
+
 def _phases(subjects: Subjects, o: Options, m: Measurements, profiles: list[str]) -> bool:
     """Run every phase; a failed phase marks its figures as errors. Returns True if any failed."""
     failed = False
 
     def phase(keys: list[str], measure: Callable[[], tuple[float, ...]]) -> None:
         nonlocal failed
-        print(f"measuring {', '.join(keys)}", file=sys.stderr, flush=True)
-        began = time.monotonic()
-        try:
-            values = measure()
-        except Exception as exc:
-            failed = True
-            m.notes.append(f"{', '.join(keys)} failed: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-            values = tuple(math.nan for _ in keys)
-        for key, value in zip(keys, values, strict=True):
-            m.put(key, value)
-        print(f"  {time.monotonic() - began:.1f}s", file=sys.stderr, flush=True)
+        failed = measure_phase(subjects.run, m, keys, measure) or failed
 
     for round_ in range(1, o.repeat + 1):
         if o.repeat > 1:

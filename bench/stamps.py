@@ -27,10 +27,15 @@ def record(sent_at: float) -> None:
 
 
 def read(directory: Path) -> list[tuple[float, float]]:
-    """Every (run time, latency) recorded in ``directory``; latency is -1 when nothing was sent."""
+    """Every (run time, latency) recorded in ``directory``; latency is -1 when nothing was sent.
+
+    The harness reads while the tasks still write: a file's last line may be only partly there (a
+    read is not atomic with a concurrent write), so only the lines up to its last newline count.
+    """
     rows = []
     for path in directory.glob("*.stamps"):
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        for line in text[: text.rfind("\n") + 1].splitlines():
             ran, latency = line.split()
             rows.append((float(ran), float(latency)))
     return rows

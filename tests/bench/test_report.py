@@ -1,15 +1,17 @@
-"""The benchmark's arithmetic (no services): medians of repeated rounds, the ratios of issue 8 and the CPU
-per job or request."""
+"""The benchmark's arithmetic and bookkeeping (no services): medians of repeated rounds, the ratios of
+issue 8, the CPU per job or request, the raw tasks' stamps, and what a failed phase leaves behind."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from bench import cpu, report
+from bench import cpu, report, stamps
 from bench.phases import Measurements, put_cpu
-from bench.run import parse
+from bench.run import measure_phase, parse
+from bench.services import BenchRun, Proc
 
 
 def test_a_figure_measured_in_rounds_is_their_median_and_a_failed_round_is_left_out() -> None:
@@ -96,3 +98,39 @@ def test_cpu_table_shows_the_measured_rows_with_their_sum() -> None:
     assert "| POST /v1/jobs, Conveyor | request | 1,600 | 750 | 350 | 2,700 |" in table
     assert "raw dramatiq" not in table, "rows that were not measured are left out"
     assert report.cpu_table(Measurements(), scale=0) == "No CPU figures were read in this run."
+
+
+def test_a_stamp_line_still_being_written_is_not_read_yet(tmp_path: Path) -> None:
+    """The harness reads the raw tasks' stamps while they write: a torn last line failed a whole
+    drain (ValueError: not enough values to unpack)."""
+    (tmp_path / "1.stamps").write_text("1764430000.100000 0.001000\n1764430000.200000 0.002000\n1764430000.3")
+    assert stamps.read(tmp_path) == [(1764430000.1, 0.001), (1764430000.2, 0.002)]
+    with (tmp_path / "1.stamps").open("a") as rest:
+        rest.write("00000 0.003000\n")
+    assert len(stamps.read(tmp_path)) == 3
+
+
+def test_a_failed_phase_stops_the_processes_it_started_and_only_those(tmp_path: Path) -> None:
+    run = BenchRun()
+    run.dir = tmp_path
+    earlier = run.start("earlier", ["sleep", "60"], {})
+    started: list[Proc] = []
+
+    def measure() -> tuple[float, ...]:
+        started.append(run.start("worker", ["sleep", "60"], {}))
+        raise TimeoutError("timed out waiting for 20 jobs to run")
+
+    m = Measurements()
+    try:
+        assert measure_phase(run, m, ["latency.dramatiq.p50", "latency.dramatiq.p99"], measure) is True
+        assert started[0].popen is not None
+        assert started[0].popen.poll() is not None, "the failed phase's worker still runs"
+        assert earlier.popen is not None
+        assert earlier.popen.poll() is None, "a process of an earlier phase was stopped"
+        assert run.procs == [earlier]
+        assert math.isnan(m.values["latency.dramatiq.p99"] or 0.0)
+        assert m.notes == ["latency.dramatiq.p50, latency.dramatiq.p99 failed: TimeoutError: timed out "
+                           "waiting for 20 jobs to run"]  # fmt: skip
+    finally:
+        for proc in list(run.procs):
+            run.stop(proc)
