@@ -1,6 +1,10 @@
 """gunicorn settings, taken from Conveyor's settings so there is one place to configure the API."""
 
+import errno
 import os
+import socket
+import sys
+import time
 from typing import Any
 
 from shared import prometheus_dir
@@ -21,6 +25,13 @@ timeout = 30
 # Long filter URLs are legitimate; 8190 is gunicorn's maximum (its default is 4094).
 limit_request_line = 8190
 keepalive = 5
+# Each worker listens on a socket of its own (SO_REUSEPORT) and the kernel spreads new connections over
+# them. On one socket shared by every worker, whichever worker woke first took a whole burst of new
+# connections: in the benchmark one of two workers often held all 16 of wrk's keep-alive connections
+# while the other idled, and the API ran at one process's speed (docs/performance.md, session 12). An
+# ingress controller's pool of keep-alive connections lands the same way. TCP binds only: workers on
+# one Unix socket path would each replace the last one's.
+reuse_port = not bind.startswith(("unix:", "fd://"))
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
@@ -49,9 +60,35 @@ _metrics_dir = os.environ.setdefault(prometheus_dir.ENV, prometheus_dir.default_
 
 
 def when_ready(server: Any) -> None:
-    """Once the listening socket is ours (and before any worker starts): an API started on a port that
-    another one holds fails to bind first, and leaves that API's samples alone."""
+    """Before any worker starts: stop if another server holds the address (so that an API started on
+    a port another one holds leaves that API's samples alone), then empty the samples directory."""
+    if reuse_port:
+        _refuse_a_taken_address(server)
     prometheus_dir.prepare(_metrics_dir)
+
+
+def _refuse_a_taken_address(server: Any) -> None:
+    """With ``reuse_port`` the workers bind, not the master, and a second API on the same address would
+    share it without a word. A socket without SO_REUSEPORT cannot bind where any socket listens: the
+    master binds one for a moment, and stops as gunicorn does when its address is in use (five tries,
+    a second apart, for a server that is still stopping)."""
+    for address in server.cfg.address:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        for attempt in range(5):
+            try:
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(address)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                server.log.error("Connection in use: %s", address)
+                if attempt < 4:
+                    time.sleep(1)
+        else:
+            server.log.error("Can't connect to %s", address)
+            sys.exit(1)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -473,6 +473,7 @@ def submit_minimal(subjects: Subjects, seconds: float, m: Measurements) -> float
         "gthread",
         "--keep-alive",
         "5",
+        "--reuse-port",  # as the API: each worker listens on its own socket
         "--bind",
         f"127.0.0.1:{port}",
         "--access-logfile",
