@@ -99,7 +99,7 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     """Once a worker has loaded the app (before its first request): its start-up objects leave the
-    garbage collector's full collections, which stopped every request of the process for 20-87 ms
+    garbage collector's full collections, which stopped every request of the process for 19-88 ms
     under load (shared/startup_heap.py)."""
     from shared.startup_heap import freeze_startup_heap
 

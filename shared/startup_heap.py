@@ -5,7 +5,7 @@ broker before it serves anything: tens of thousands of objects that live as long
 collector visits every one of them in each full (generation 2) collection, with the GIL held, so every
 thread of the process stops for as long: 22-28 ms for a freshly started API process (65,000 objects)
 and 7-11 ms for a worker process (32,000) on the benchmark machine. Under batch submissions an API
-process ran such a collection every second or two, each stopping its requests for 20-87 ms
+process ran such a collection every second or two, each stopping its requests for 19-88 ms
 (docs/performance.md, session 12).
 
 ``freeze_startup_heap`` moves what exists at that point into the collector's permanent generation
