@@ -73,22 +73,29 @@ def _refuse_a_taken_address(server: Any) -> None:
     master binds one for a moment, and stops as gunicorn does when its address is in use (five tries,
     a second apart, for a server that is still stopping)."""
     for address in server.cfg.address:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         for attempt in range(5):
-            try:
-                with socket.socket(family, socket.SOCK_STREAM) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind(address)
+            if _free(address):
                 break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                server.log.error("Connection in use: %s", address)
-                if attempt < 4:
-                    time.sleep(1)
+            server.log.error("Connection in use: %s", address)
+            if attempt < 4:
+                time.sleep(1)
         else:
             server.log.error("Can't connect to %s", address)
             sys.exit(1)
+
+
+def _free(address: tuple[str, int]) -> bool:
+    """Whether a socket without SO_REUSEPORT can bind ``address`` (no other socket listens there)."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        return False
+    return True
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
+from typing import Any
 
 from support import ROOT
 
@@ -21,62 +21,58 @@ from support import ROOT
 SOME_STARTUP_OBJECTS = 10_000
 
 
-def run_python(code: str, env: dict[str, str]) -> dict[str, object]:
+def freeze_seen(
+    env: dict[str, str], *, load: str, watched: str, hook: str, after: str = "pass"
+) -> dict[str, Any]:
+    """In a fresh interpreter: run ``load`` (what gunicorn or dramatiq imports first), then ``hook``, then
+    ``after``. Returns how many objects were frozen before and after the hook, and whether full
+    collections visit the object ``watched`` names, before and after."""
+    script = f"""
+import gc, json
+{load}
+
+def visited():
+    return any(o is {watched} for o in gc.get_objects())
+
+before = (gc.get_freeze_count(), visited())
+{hook}
+try:
+    print(json.dumps({{"before": before, "frozen": gc.get_freeze_count(), "visited": visited()}}))
+finally:
+    {after}
+"""
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    answer: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
-    return answer
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
+
+
+def assert_frozen_by_the_hook(found: dict[str, Any], what: str) -> None:
+    assert found["before"] == [0, True]
+    assert found["visited"] is False, f"{what} still visited by every full collection"
+    frozen = found["frozen"]
+    assert isinstance(frozen, int)
+    assert frozen > SOME_STARTUP_OBJECTS
 
 
 def test_an_api_worker_freezes_its_app_once_loaded(service_env: dict[str, str]) -> None:
-    found = run_python(
-        """
-        import gc, json
-        from api_service.wsgi import app  # what a gunicorn worker loads first
-        from api_service import gunicorn_conf
-
-        def visited():
-            return any(o is app.url_map for o in gc.get_objects())
-
-        before = (gc.get_freeze_count(), visited())
-        gunicorn_conf.post_worker_init(None)  # gunicorn calls it once the worker has loaded the app
-        print(json.dumps({"before": before, "frozen": gc.get_freeze_count(), "visited": visited()}))
-        """,
+    found = freeze_seen(
         service_env,
+        load="from api_service.wsgi import app\nfrom api_service import gunicorn_conf",
+        watched="app.url_map",
+        hook="gunicorn_conf.post_worker_init(None)",  # gunicorn calls it once the worker has loaded the app
     )
-    assert found["before"] == [0, True]
-    assert found["visited"] is False, "the app's objects are still visited by every full collection"
-    frozen = found["frozen"]
-    assert isinstance(frozen, int)
-    assert frozen > SOME_STARTUP_OBJECTS
+    assert_frozen_by_the_hook(found, "the app's objects are")
 
 
 def test_a_worker_process_freezes_its_runtime_once_booted(service_env: dict[str, str]) -> None:
-    found = run_python(
-        """
-        import gc, json
-        import dramatiq
-        from worker_service import app  # what dramatiq imports in each worker process
-
-        broker = dramatiq.get_broker()
-
-        def visited():
-            return any(o is app.runtime.executor for o in gc.get_objects())
-
-        before = (gc.get_freeze_count(), visited())
-        app.runtime.after_process_boot(broker)
-        try:
-            print(json.dumps({"before": before, "frozen": gc.get_freeze_count(), "visited": visited()}))
-        finally:
-            app.runtime.after_worker_shutdown(broker, None)
-        """,
+    found = freeze_seen(
         service_env,
+        load="import dramatiq\nfrom worker_service import app\nbroker = dramatiq.get_broker()",
+        watched="app.runtime.executor",
+        hook="app.runtime.after_process_boot(broker)",
+        after="app.runtime.after_worker_shutdown(broker, None)",
     )
-    assert found["before"] == [0, True]
-    assert found["visited"] is False, "the worker's runtime is still visited by every full collection"
-    frozen = found["frozen"]
-    assert isinstance(frozen, int)
-    assert frozen > SOME_STARTUP_OBJECTS
+    assert_frozen_by_the_hook(found, "the worker's runtime is")

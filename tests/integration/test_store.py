@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -595,9 +596,10 @@ def test_an_attempt_the_relay_took_over_is_not_taken_for_the_workers_own_outcome
     assert db.execute(lambda cur: attempt_store.outcome_of(cur, claimed.job, token)) is None
 
 
-def deadlock_once(db: Database, dsn: str) -> tuple[Callable[[Cursor], int], threading.Thread]:
+@contextmanager
+def deadlock_once(db: Database, dsn: str) -> Iterator[Callable[[Cursor], int]]:
     """Work for ``db.run`` that deadlocks, on its first run only, with a transaction on another
-    connection (started in the thread returned): each locks the row of one of two new tenants, then
+    connection (in a thread, joined on leaving): each locks the row of one of two new tenants, then
     wants the other's. The work's side gives up first (a shorter ``deadlock_timeout``), so Postgres
     undoes it, and the other transaction commits. The work returns how many times it has run."""
     first, second = (f"t-{uuid.uuid4().hex[:8]}" for _ in range(2))
@@ -629,31 +631,26 @@ def deadlock_once(db: Database, dsn: str) -> tuple[Callable[[Cursor], int], thre
         finally:
             conn.close()
 
-    return work, threading.Thread(target=other)
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        yield work
+    finally:
+        thread.join(15)
+    assert not thread.is_alive()
 
 
 def test_work_postgres_undid_to_break_a_deadlock_runs_again(db: Database, dsn: str) -> None:
     """A transaction Postgres chose to undo to break a deadlock is run again once the other has gone
     on, rather than failing its request (a batch taking over expired keys while pruning deleted their
     old jobs could meet it: docs/architecture.md)."""
-    work, other = deadlock_once(db, dsn)
-    other.start()
-    try:
+    with deadlock_once(db, dsn) as work:
         assert db.run(work) == 2
-    finally:
-        other.join(15)
-    assert not other.is_alive()
 
 
 def test_a_deadlock_that_keeps_coming_back_ends_as_store_unavailable(
     db: Database, dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(db_module, "DEADLOCK_RETRIES", 0)
-    work, other = deadlock_once(db, dsn)
-    other.start()
-    try:
-        with pytest.raises(StoreUnavailable, match="DeadlockDetected"):
-            db.run(work)
-    finally:
-        other.join(15)
-    assert not other.is_alive()
+    with deadlock_once(db, dsn) as work, pytest.raises(StoreUnavailable, match="DeadlockDetected"):
+        db.run(work)
