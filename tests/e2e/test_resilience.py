@@ -16,6 +16,7 @@ from support import (
     DEFAULT_QUEUE,
     ApiClient,
     ServiceProcess,
+    free_port,
     one_value,
     pg,
     queue_counts,
@@ -75,7 +76,9 @@ def test_job_committed_but_never_published_is_delivered_by_the_relay(
 
 @pytest.fixture
 def api_without_broker(service_env: dict[str, str], keys: Keys) -> Iterator[ApiClient]:
-    port = int(service_env["CONVEYOR_API_BIND"].rsplit(":", 1)[1]) + 1
+    # A free port, not the session API's plus one: that one lies among the ephemeral ports, and a client
+    # connection that had it as its local port and closed first keeps it bound for a minute (TIME_WAIT).
+    port = free_port()
     env = {**service_env, "CONVEYOR_API_BIND": f"127.0.0.1:{port}",
            "CONVEYOR_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/%2F"}  # fmt: skip
     proc = ServiceProcess("api", env)
